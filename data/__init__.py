@@ -1,0 +1,1 @@
+"""Shards: write, index, plan and stream image data sets."""

@@ -1,0 +1,86 @@
+"""`python -m data write ...`: turn images into shards plus a dataset.json index."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data.errors import UserError
+
+
+def _write(args: argparse.Namespace) -> None:
+    from data import sources
+    from data.write import write_dataset
+
+    if args.from_folder:
+        items, origin = sources.from_folder(args.from_folder), {"folder": args.from_folder}
+    elif args.from_manifest:
+        items, origin = sources.from_manifest(args.from_manifest), {"manifest": args.from_manifest}
+    else:
+        n, size = args.synthetic, args.image_size
+        items = sources.from_synthetic(n, args.seed, size)
+        origin = {"synthetic": {"num_samples": n, "seed": args.seed, "image_size": size}}
+    report = write_dataset(
+        items,
+        args.out,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        shard_samples=args.shard_samples,
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        extra=origin,
+    )
+    parts = ", ".join(
+        f"{name} {split.num_samples} in {len(split.shards)} shards"
+        for name, split in report.index.splits.items()
+    )
+    rate = report.written / report.seconds
+    print(f"wrote {report.written} samples ({parts}) to {report.index.location}")
+    print(f"{len(report.index.classes)} classes: {', '.join(report.index.classes)}")
+    print(f"{report.seconds:.1f} s, {rate:.0f} images/s")
+    if report.skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.most_common())
+        print(f"skipped {sum(report.skipped.values())} unreadable files ({reasons}), e.g.:")
+        for example in report.skipped_examples:
+            print(f"  {example}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("write", help="write shards and dataset.json from images")
+    source = w.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-folder", metavar="DIR", help="one subfolder per class")
+    source.add_argument(
+        "--from-manifest",
+        metavar="FILE",
+        help=".csv or .jsonl with path,label[,split] and any extra columns (kept in KEY.json)",
+    )
+    source.add_argument("--synthetic", metavar="N", type=int, help="N samples of the embedded inspection set")
+    w.add_argument("out", help="output directory")
+    w.add_argument("--val-fraction", type=float, default=0.1, help="per class (default 0.1)")
+    w.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    w.add_argument("--shard-samples", type=int, default=10_000, help="max samples per shard")
+    w.add_argument("--shard-size-mb", type=float, default=256.0, help="max MiB per shard")
+    w.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    w.add_argument("--image-size", type=int, default=96, help="synthetic images, pixels")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    w.set_defaults(run=_write)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "val_fraction", 0.0) and not 0.0 <= args.val_fraction < 1.0:
+        parser.error(f"--val-fraction {args.val_fraction}: expected 0 <= fraction < 1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

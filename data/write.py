@@ -1,0 +1,272 @@
+"""Items → `{split}-000000.tar …` + `dataset.json`, deterministically and in parallel.
+
+A sample is `KEY.jpg|png|webp`, `KEY.cls` (the class index as text) and `KEY.json` (source path
+and any manifest columns): plain WebDataset, so `tar tf` and `webdataset.WebDataset` read it.
+Same items and options give byte-identical shards: images are copied as they are (JPEG, PNG and
+WebP; anything else PIL reads is re-encoded as PNG), tar headers carry no time or owner, and
+the worker pool returns results in input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import numpy as np
+
+from data.decode import open_image
+from data.errors import UserError
+from data.index import INDEX_NAME, DatasetIndex, Shard, Split, load_index, save_index
+from data.sources import Item, Payload
+
+log = logging.getLogger(__name__)
+
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+TAR_TRAILER = 2 * 512 + tarfile.RECORDSIZE  # end-of-archive blocks plus worst-case record padding
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    index: DatasetIndex
+    written: int
+    skipped: Counter  # reason → count
+    skipped_examples: list[str]  # the first few "source: reason"
+    seconds: float
+
+
+def check_image(payload: Payload) -> Payload:
+    """Decode fully (at reduced scale where the format allows): a file that fails here would fail
+    every epoch of every run, so it is cheaper to drop it once now."""
+    with open_image(payload.data) as im:
+        fmt = im.format
+        im.draft("RGB", (64, 64))  # JPEG: DCT-scaled decode, still reads every byte
+        im.load()
+        if fmt in KEPT_FORMATS:
+            return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta)
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        return Payload(buf.getvalue(), "png", payload.meta)
+
+
+def _load(item: Item) -> Payload | str:
+    """Runs in a worker: the checked payload, or why the item is skipped ("reason: detail")."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return check_image(item.read())
+    except UnidentifiedImageError:
+        return "not an image: PIL cannot identify it"
+    except FileNotFoundError as e:
+        return f"missing file: {e.filename}"
+    except Exception as e:  # PIL raises many types for corrupt data; skip and report, never fatal
+        return f"corrupt image: {e}".splitlines()[0][:200]
+
+
+def assign_splits(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """Stratified, seeded train/val split for items without one; then each split is shuffled so
+    shards mix classes (a class-sorted shard would make every batch one class)."""
+    splits: dict[str, list[Item]] = {}
+    by_label: dict[str, list[Item]] = {}
+    for item in items:
+        if item.split:
+            splits.setdefault(item.split, []).append(item)
+        else:
+            by_label.setdefault(item.label, []).append(item)
+    rng = np.random.default_rng(seed)
+    for label in sorted(by_label):
+        group = by_label[label]
+        order = rng.permutation(len(group))
+        n_val = round(len(group) * val_fraction)
+        splits.setdefault("val", []).extend(group[i] for i in order[:n_val])
+        splits.setdefault("train", []).extend(group[i] for i in order[n_val:])
+    return {
+        name: [split[i] for i in rng.permutation(len(split))]
+        for name, split in sorted(splits.items())
+        if split
+    }
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes, so no shard is read twice."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.n
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    samples: Iterable[tuple[str, Payload, int, dict]],
+    out_dir: str,
+    split: str,
+    shard_samples: int,
+    shard_bytes: int,
+) -> Iterator[Shard]:
+    """(key, payload, class index, json) → shards of at most `shard_samples` samples and about
+    `shard_bytes` bytes (a shard closes before the sample that would overflow it)."""
+    tar = f = w = None
+    count = size = 0
+    number = 0
+
+    def close() -> Shard:
+        tar.close()
+        f.close()
+        return Shard(name, count, w.n, w.sha.hexdigest())
+
+    for key, payload, label, meta in samples:
+        entries = [(f"{key}.{payload.ext}", payload.data), (f"{key}.cls", str(label).encode())]
+        if meta:
+            entries.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+        sample_bytes = sum(512 + len(d) + 511 for _, d in entries)  # header + padded body
+        if tar and (count >= shard_samples or size + sample_bytes > shard_bytes):
+            yield close()
+            tar = None
+        if tar is None:
+            name = f"{split}-{number:06d}.tar"
+            number += 1
+            f = open(os.path.join(out_dir, name), "wb")  # noqa: SIM115 (closed by close())
+            w = _HashingWriter(f)
+            tar = tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            count, size = 0, TAR_TRAILER
+        for entry_name, data in entries:
+            _add(tar, entry_name, data)
+        count += 1
+        size += sample_bytes
+    if tar:
+        yield close()
+
+
+def _checked(items, payloads, classes, key_of, skipped: Counter, examples: list[str]):
+    """(item, payload or reason) → (key, payload, class index, json); skips are counted."""
+    for item, payload in zip(items, payloads, strict=True):
+        if isinstance(payload, str):
+            skipped[payload.split(":")[0]] += 1
+            if len(examples) < 5:
+                examples.append(f"{item.source}: {payload}")
+            continue
+        yield key_of[id(item)], payload, classes.index(item.label), {**item.meta, **payload.meta}
+
+
+def _remove_index(out_dir: str) -> set[str]:
+    """Drop an existing index first: from here until the new one lands the directory holds no
+    data set, rather than an index that points at shards being replaced."""
+    url = os.path.join(out_dir, INDEX_NAME)
+    if not os.path.exists(url):
+        return set()
+    old = load_index(url)
+    os.remove(url)
+    return {s.url for split in old.splits.values() for s in split.shards if "/" not in s.url}
+
+
+def write_dataset(
+    items: list[Item],
+    out_dir: str,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    shard_samples: int = 10_000,
+    shard_size_mb: float = 256.0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> WriteReport:
+    """Write items as shards plus `dataset.json` into `out_dir`.
+
+    Shards go to a hidden temporary directory first and are moved into place before the index
+    is written, so an interrupted write leaves either the old data set or none, never a mix.
+    """
+    start = time.perf_counter()
+    labels = sorted({i.label for i in items})
+    if not items:
+        raise UserError("the source has no images (expected image files, one subfolder per class)")
+    if len(labels) < 2:
+        raise UserError(f"the source has a single class {labels}: a classifier needs at least two")
+    if os.path.exists(os.path.join(out_dir, INDEX_NAME)) and not overwrite:
+        raise UserError(f"{out_dir} already holds a data set (pass --overwrite to replace it)")
+    classes = tuple(labels)
+    splits = assign_splits(items, val_fraction, seed)
+    # Keys number the items in listing order: stable, unique across splits, free of dots.
+    key_of = {id(item): f"{n:08d}" for n, item in enumerate(items)}
+
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".writing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    written: dict[str, Split] = {}
+    workers = workers or os.cpu_count() or 1
+    pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        for name, split_items in splits.items():
+            payloads = pool.imap(_load, split_items, chunksize=16) if pool else map(_load, split_items)
+            samples = _checked(split_items, payloads, classes, key_of, skipped, examples)
+            mb = int(shard_size_mb * 2**20)
+            written[name] = Split(tuple(write_shards(samples, tmp, name, shard_samples, mb)))
+        old = _remove_index(out_dir)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        new = {s.url for split in written.values() for s in split.shards}
+        for stale in old - new:  # shards of a replaced data set that the new one lacks
+            os.remove(os.path.join(out_dir, stale))
+    finally:
+        if pool:
+            pool.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not any(s.shards for s in written.values()):
+        raise UserError(f"no readable images among {len(items)} files ({examples[:3]})")
+    index = DatasetIndex(classes, written, extra={"created_by": extra or {}})
+    url = os.path.join(out_dir, INDEX_NAME)
+    sha = save_index(index, url)
+    index = DatasetIndex(classes, written, url, sha, index.extra)
+    total = sum(s.num_samples for s in written.values())
+    return WriteReport(index, total, skipped, examples, time.perf_counter() - start)
+
+
+def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int) -> str:
+    """Write the embedded inspection set to `index`'s directory unless it is already there.
+
+    Generation is deterministic, so ranks racing here write identical bytes; whoever loses the
+    race finds the index and keeps the winner's data set."""
+    out_dir = os.path.dirname(os.path.abspath(index))
+    if os.path.exists(index):
+        return index
+    from data.sources import from_synthetic
+
+    log.info("writing the embedded inspection set (%d images) to %s", num_samples, out_dir)
+    try:
+        report = write_dataset(
+            from_synthetic(num_samples, seed, image_size),
+            out_dir,
+            val_fraction=0.2,
+            seed=seed,
+            shard_samples=500,
+            extra={"synthetic": {"num_samples": num_samples, "seed": seed, "image_size": image_size}},
+        )
+        log.info("wrote %d images in %.1f s", report.written, report.seconds)
+    except UserError:
+        if not os.path.exists(index):
+            raise
+    return index
