@@ -1,0 +1,157 @@
+"""LightningDataModule over a `dataset.json`: planned, streamed, decoded uint8 batches per rank."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from functools import cached_property
+
+import lightning.pytorch as L
+from torch.utils.data import DataLoader
+
+from data.index import DatasetIndex, load_index
+from data.plan import EpochPlan
+from data.stream import ShardStream
+from data.transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger(__name__)
+
+
+class PlannedLoader(DataLoader):
+    """A DataLoader that points its stream at the current epoch and resume position each time
+    it is iterated; workers get a fresh copy of the stream (with the plan) on every iteration."""
+
+    def __init__(self, stream: ShardStream, epoch: Callable[[], int], start: Callable[[], int], **kw):
+        super().__init__(stream, batch_size=None, **kw)
+        self._epoch, self._start = epoch, start
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # Decided at the first batch, not at iter(): Lightning creates an epoch's iterator
+        # before a restore has settled which epoch it is.
+        self.dataset.plan = replace(self.dataset.plan, epoch=self._epoch())
+        self.dataset.consumed = self._start()
+        yield from super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams the `train` and `val` splits of a shard data set.
+
+    `batch_size` is per device; every rank gets the same number of training batches (the epoch's
+    tail under world × batch samples is dropped) and validation reads every sample exactly once.
+    With `synthetic` set and no index at `index`, `prepare_data` first writes the embedded
+    inspection set there.
+    """
+
+    def __init__(
+        self,
+        index: str,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        image_size: int = 224,
+        train_scale: tuple[float, float] = (0.08, 1.0),
+        train_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        crop_pct: float = 0.875,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        pin_memory: bool = False,
+        train_split: str = "train",
+        val_split: str = "val",
+        synthetic: dict | None = None,
+    ):
+        super().__init__()
+        self.index_url = str(index)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
+        self.train_split, self.val_split = train_split, val_split
+        self.train_transform = TrainTransform(image_size, tuple(train_scale), tuple(train_ratio), hflip)
+        self.eval_transform = EvalTransform(image_size, crop_pct)
+        self.synthetic = dict(synthetic) if synthetic else None
+        self._resume = {"epoch": -1, "batches": 0}
+
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            from data.write import ensure_synthetic
+
+            ensure_synthetic(self.index_url, **self.synthetic)
+
+    @cached_property
+    def index(self) -> DatasetIndex:
+        self.prepare_data()
+        return load_index(self.index_url)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.index.classes
+
+    def _plan(self, split: str, train: bool) -> tuple[list[str], EpochPlan]:
+        shards = self.index.split(split).shards
+        trainer = self.trainer
+        plan = EpochPlan(
+            shard_sizes=tuple(s.num_samples for s in shards),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            world_size=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            num_workers=self.num_workers,
+            shuffle=train,
+            drop_last=train,
+            buffer_size=self.shuffle_buffer if train else 0,
+        )
+        if train and len(plan) == 0:
+            n = sum(plan.shard_sizes)
+            raise ValueError(
+                f"data.batch_size={self.batch_size} × {plan.world_size} ranks is more than the "
+                f"{n} samples of split {split!r}: lower data.batch_size"
+            )
+        return [self.index.shard_url(s) for s in shards], plan
+
+    def _loader(self, split: str, train: bool) -> PlannedLoader:
+        urls, plan = self._plan(split, train)
+        transform = self.train_transform if train else self.eval_transform
+        return PlannedLoader(
+            ShardStream(urls, plan, transform),
+            epoch=lambda: self.trainer.current_epoch if train and self.trainer else 0,
+            start=(lambda: self._start_batches()) if train else (lambda: 0),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,  # workers must see each epoch's plan
+        )
+
+    def train_dataloader(self) -> PlannedLoader:
+        return self._loader(self.train_split, train=True)
+
+    def val_dataloader(self) -> PlannedLoader:
+        return self._loader(self.val_split, train=False)
+
+    def _start_batches(self) -> int:
+        """Batches of the current epoch already trained on (non-zero only right after a resume)."""
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        start = self._resume["batches"] if self._resume["epoch"] == epoch else 0
+        self._resume = {"epoch": -1, "batches": 0}  # only the first iteration after a restore
+        return start
+
+    def state_dict(self) -> dict:
+        """The data position, saved in every checkpoint: batches this rank consumed this epoch."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {
+            "epoch": trainer.current_epoch,
+            "batches": done,
+            "samples": done * self.batch_size * trainer.world_size,  # global position
+            "world_size": trainer.world_size,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "index_sha256": self.index.sha256,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = {"epoch": state["epoch"], "batches": state["batches"]}

@@ -1,0 +1,65 @@
+"""Image bytes → uint8 (3, size, size) tensors, decoding no more pixels than the output needs.
+
+Train: RandomResizedCrop + horizontal flip, with the crop box drawn from the header size before
+decoding, so a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the crop
+at the output size. Eval: resize the short side to size / crop_pct, centre crop, decoded likewise.
+Output stays uint8: normalisation runs on the device, in the module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import RandomResizedCrop as _RRC
+from torchvision.transforms.v2 import functional as F
+
+from data.decode import decode_rgb, open_image
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    size: int  # output side, pixels
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area as a fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range, w / h
+    hflip: float = 0.5  # probability of a horizontal flip
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        im = open_image(data)
+        top, left, h, w = _RRC.get_params(im, list(self.scale), list(self.ratio))
+        im, f = decode_rgb(im, min(h, w) / self.size)
+        out = F.resized_crop(
+            F.pil_to_tensor(im),
+            round(top * f),
+            round(left * f),
+            max(1, round(h * f)),
+            max(1, round(w * f)),
+            [self.size, self.size],
+            InterpolationMode.BILINEAR,
+            antialias=True,
+        )
+        return F.horizontal_flip(out) if torch.rand(()) < self.hflip else out
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    size: int  # output side, pixels
+    crop_pct: float = 0.875  # centre crop as a fraction of the resized short side
+
+    @property
+    def resize(self) -> int:
+        return math.floor(self.size / self.crop_pct)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.apply(open_image(data))
+
+    def apply(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """The same resize and crop for an image already open: PIL, or uint8 (3, H, W)."""
+        if isinstance(image, Image.Image):
+            image, _ = decode_rgb(image, min(image.size) / self.resize)
+            image = F.pil_to_tensor(image)
+        out = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)
+        return F.center_crop(out, [self.size, self.size])

@@ -1,0 +1,108 @@
+"""The data module over real shards: planned, multi-worker, uint8 batches, bad samples skipped."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import torch
+import webdataset as wds
+
+from data.datamodule import ShardDataModule
+from data.index import load_index
+from data.plan import EpochPlan
+from data.stream import BadSamples, read_planned
+
+
+def all_keys(index_url: str, split: str) -> list[str]:
+    index = load_index(index_url)
+    urls = [index.shard_url(s) for s in index.split(split).shards]
+    return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+
+
+def collect(loader):
+    batches = list(loader)
+    keys = [k for _, _, ks in batches for k in ks]
+    return batches, keys
+
+
+def test_train_batches_are_uint8_full_and_each_sample_once(tiny_index):
+    dm = ShardDataModule(tiny_index, batch_size=16, num_workers=2, image_size=32, shuffle_buffer=8)
+    loader = dm.train_dataloader()
+    batches, keys = collect(loader)
+    assert len(batches) == len(loader) == 180 // 16
+    for images, labels, _ in batches:
+        assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
+        assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < 5
+    assert len(keys) == len(set(keys)) == 176
+    assert set(keys) <= set(all_keys(tiny_index, "train"))
+
+
+def test_val_reads_every_sample_exactly_once_in_file_order(tiny_index):
+    dm = ShardDataModule(tiny_index, batch_size=16, num_workers=2, image_size=32)
+    _, keys = collect(dm.val_dataloader())
+    assert sorted(keys) == sorted(all_keys(tiny_index, "val")) and len(keys) == 60
+    _, again = collect(dm.val_dataloader())
+    assert again == keys
+
+
+def test_labels_travel_with_their_images(tiny_index):
+    truth = {}
+    index = load_index(tiny_index)
+    urls = [index.shard_url(s) for s in index.split("val").shards]
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        truth[s["__key__"]] = int(s["cls"])
+    dm = ShardDataModule(tiny_index, batch_size=7, num_workers=0, image_size=32)
+    for _, labels, keys in dm.val_dataloader():
+        assert labels.tolist() == [truth[k] for k in keys]
+
+
+def test_epochs_differ_and_resume_continues_the_epoch(tiny_index):
+    dm = ShardDataModule(tiny_index, batch_size=10, num_workers=2, image_size=32)
+    loader = dm.train_dataloader()
+    _, epoch0 = collect(loader)
+    dm.load_state_dict({"epoch": 0, "batches": 5})
+    _, rest = collect(loader)  # the first iteration after a restore starts at batch 5
+    assert rest == epoch0[50:]
+    _, again = collect(loader)
+    assert again == epoch0  # later iterations start at the top again
+
+
+def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path, tiny_index):
+    index = load_index(tiny_index)
+    good = index.shard_url(index.split("val").shards[0])
+    bad_shard = tmp_path / "bad.tar"
+    with tarfile.open(good) as src, tarfile.open(bad_shard, "w") as dst:
+        for n, member in enumerate(src.getmembers()):
+            data = src.extractfile(member).read()
+            if n == 0:  # first image: garbage bytes
+                data = b"\xff\xd8 this is not a jpeg"
+            if n == 4:  # members go jpg, cls, json: this is the second sample's label
+                assert member.name.endswith(".cls")
+                data = b"three"
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    plan = EpochPlan((50,), batch_size=50, shuffle=False, drop_last=False)
+    bad = BadSamples()
+    from data.stream import decode_samples
+    from data.transforms import EvalTransform
+
+    out = list(
+        decode_samples(read_planned(plan.worker_samples(0), [str(bad_shard)], bad), EvalTransform(32), bad)
+    )
+    assert len(out) == 48
+    assert bad.counts == {"undecodable image": 1, "bad label": 1}
+
+
+def test_truncated_shard_loses_only_its_tail(tmp_path, tiny_index):
+    index = load_index(tiny_index)
+    with open(index.shard_url(index.split("val").shards[0]), "rb") as f:
+        raw = f.read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[: len(raw) // 2])
+    bad = BadSamples()
+    plan = EpochPlan((50,), batch_size=50, shuffle=False, drop_last=False)
+    got = list(read_planned(plan.worker_samples(0), [str(cut)], bad))
+    assert 10 < len(got) < 50
+    assert bad.counts["unreadable tar"] + bad.counts["shard shorter than its index"] >= 1

@@ -1,0 +1,58 @@
+"""Decode + augment: uint8 out, reduced-scale JPEG decode, bombs refused."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import decode
+from data.transforms import EvalTransform, TrainTransform
+
+
+def jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((w, h), Image.BILINEAR).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_train_transform_gives_uint8_of_the_output_size():
+    torch.manual_seed(0)
+    out = TrainTransform(64, scale=(0.5, 1.0))(jpeg(640, 480))
+    assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+    assert out.float().std() > 1  # real pixels, not a blank canvas
+
+
+def test_train_transform_is_random_and_seedable():
+    t, data = TrainTransform(32), jpeg(200, 150)
+    torch.manual_seed(1)
+    a = t(data)
+    torch.manual_seed(1)
+    assert torch.equal(a, t(data))
+    assert not torch.equal(a, t(data))
+
+
+def test_large_jpeg_decodes_at_reduced_scale():
+    im = decode.open_image(jpeg(1024, 768))
+    small, scale = decode.decode_rgb(im, spare=4.5)
+    assert scale == 0.25 and small.size == (256, 192)  # 1/4 DCT scale still covers the need
+    im = decode.open_image(jpeg(1024, 768))
+    assert decode.decode_rgb(im, spare=1.5)[1] == 1.0  # no room to reduce: full decode
+
+
+def test_eval_transform_is_deterministic_and_matches_for_pil_input():
+    t, data = EvalTransform(48, crop_pct=0.875), jpeg(300, 200)
+    a = t(data)
+    assert a.shape == (3, 48, 48) and torch.equal(a, t(data))
+    assert torch.equal(a, t.apply(Image.open(io.BytesIO(data))))
+
+
+def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(decode, "MAX_PIXELS", 100 * 100)
+    with pytest.raises(ValueError, match="over the 10000 limit"):
+        EvalTransform(32)(jpeg(200, 200))
