@@ -10,6 +10,7 @@ from functools import cached_property
 import lightning.pytorch as L
 from torch.utils.data import DataLoader
 
+from data.errors import UserError
 from data.index import DatasetIndex, load_index
 from data.plan import EpochPlan
 from data.stream import ShardStream
@@ -131,9 +132,24 @@ class ShardDataModule(L.LightningDataModule):
     def _start_batches(self) -> int:
         """Batches of the current epoch already trained on (non-zero only right after a resume)."""
         epoch = self.trainer.current_epoch if self.trainer else 0
-        start = self._resume["batches"] if self._resume["epoch"] == epoch else 0
-        self._resume = {"epoch": -1, "batches": 0}  # only the first iteration after a restore
-        return start
+        saved, self._resume = self._resume, {"epoch": -1, "batches": 0}  # first iteration only
+        if saved["epoch"] != epoch or not saved["batches"]:
+            return 0
+        now = {
+            "world_size": self.trainer.world_size if self.trainer else 1,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+        }
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        if changed:
+            # The position counts batches of the saved plan; another plan splits the epoch
+            # differently, so continuing would repeat or skip samples.
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise UserError(
+                f"cannot resume mid-epoch with changed {what}: resume with the original "
+                "settings, or from an end-of-epoch checkpoint"
+            )
+        return saved["batches"]
 
     def state_dict(self) -> dict:
         """The data position, saved in every checkpoint: batches this rank consumed this epoch."""
@@ -154,4 +170,4 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
+            self._resume = dict(state)

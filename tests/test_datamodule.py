@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import tarfile
 
+import pytest
 import torch
 import webdataset as wds
 
 from data.datamodule import ShardDataModule
+from data.errors import UserError
 from data.index import load_index
 from data.plan import EpochPlan
 from data.stream import BadSamples, read_planned
@@ -57,7 +59,7 @@ def test_labels_travel_with_their_images(tiny_index):
         assert labels.tolist() == [truth[k] for k in keys]
 
 
-def test_epochs_differ_and_resume_continues_the_epoch(tiny_index):
+def test_resume_continues_the_epoch_exactly(tiny_index):
     dm = ShardDataModule(tiny_index, batch_size=10, num_workers=2, image_size=32)
     loader = dm.train_dataloader()
     _, epoch0 = collect(loader)
@@ -66,6 +68,13 @@ def test_epochs_differ_and_resume_continues_the_epoch(tiny_index):
     assert rest == epoch0[50:]
     _, again = collect(loader)
     assert again == epoch0  # later iterations start at the top again
+
+
+def test_mid_epoch_resume_with_another_plan_is_refused(tiny_index):
+    dm = ShardDataModule(tiny_index, batch_size=10, num_workers=1, image_size=32)
+    dm.load_state_dict({"epoch": 0, "batches": 5, "num_workers": 2, "batch_size": 10, "world_size": 1})
+    with pytest.raises(UserError, match="num_workers 2 -> 1"):
+        list(dm.train_dataloader())
 
 
 def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path, tiny_index):
