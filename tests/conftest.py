@@ -1,0 +1,64 @@
+"""Shared fixtures: real shards written by our writer into tmp dirs, and the real Hydra config
+composed and shrunk (tiny timm model, 32 px, one CPU epoch) the way a user would override it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+
+from data.sources import from_synthetic
+from data.write import write_dataset
+
+# Tests never touch the user's cache or a tracker server unless they say so.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory) -> str:
+    """240 synthetic inspection images (48 px JPEGs) in train/val shards of 50 samples."""
+    out = tmp_path_factory.mktemp("shards")
+    report = write_dataset(
+        from_synthetic(240, seed=3, size=48), str(out), val_fraction=0.25, shard_samples=50, workers=1
+    )
+    return report.index.location
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_module("train.conf", version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose():
+    """Compose the real config with overrides, as `python -m train ...` would."""
+    return compose_cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_index):
+    """The real config, shrunk for a CPU test; extra overrides win."""
+
+    def make(*overrides: str):
+        return compose_cfg(
+            f"paths.log_dir={tmp_path}/outputs",
+            f"paths.output_dir={tmp_path}/outputs/run",
+            f"paths.cache_dir={tmp_path}/cache",
+            "data=shards",
+            f"data.index={tiny_index}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "data.shuffle_buffer=16",
+            "model.backbone=test_resnet",
+            "optim.scheduler.warmup_steps=2",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        )
+
+    return make

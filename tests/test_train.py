@@ -1,0 +1,125 @@
+"""End to end through `train(cfg)` on real shards: metrics, checkpoints, resume, trackers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from train.checkpoint import KEY
+from train.run import train
+
+
+def test_shrunken_quickstart_trains_checkpoints_and_reports(make_cfg, tmp_path):
+    result = train(make_cfg("trainer.max_epochs=2"))
+    assert 0.0 <= result["metrics"]["val/acc"] <= 1.0
+    assert {"val/f1", "val/loss", "val/recall/ok"} <= set(result["metrics"])
+    assert result["global_step"] == 2 * (180 // 16)
+    assert os.path.isfile(result["best_checkpoint"]) and result["last_checkpoint"].endswith("last.ckpt")
+    assert sum(map(sum, result["confusion"])) == 60  # every val sample counted once
+
+    ckpt = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
+    meta = ckpt[KEY]
+    assert meta["model"]["backbone"] == "test_resnet" and meta["model"]["image_size"] == 32
+    assert meta["model"]["classes"] == ["crack", "ok", "scratch", "spot", "stain"]
+    lineage = meta["lineage"]
+    assert len(lineage["dataset"]["sha256"]) == 64 and lineage["config"]["data"]["batch_size"] == 16
+    assert lineage["code_version"] and "torch" in lineage["packages"]
+    assert ckpt["ShardDataModule"]["epoch"] == 1
+
+
+def test_checkpoint_loads_in_a_fresh_process_and_predicts(make_cfg, tmp_path, tiny_index):
+    result = train(make_cfg())
+    image = tmp_path / "sample.jpg"
+    import webdataset as wds
+
+    from data.index import load_index
+
+    index = load_index(tiny_index)
+    sample = next(
+        iter(
+            wds.WebDataset(
+                index.shard_url(index.split("val").shards[0]), shardshuffle=False, empty_check=False
+            )
+        )
+    )
+    image.write_bytes(sample["jpg"])
+    script = textwrap.dedent(f"""
+        import json, torch
+        from PIL import Image
+        from train import load_model
+        m = load_model({result["best_checkpoint"]!r})
+        assert not m.training and next(m.parameters()).device.type == "cpu"
+        one = m.predict({str(image)!r})
+        blank = torch.zeros(3, 40, 40, dtype=torch.uint8)
+        many = m.predict([{str(image)!r}, Image.open({str(image)!r}), blank])
+        print(json.dumps({{"one": one, "many": many}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    one = got["one"]
+    assert one["label"] in one["probs"] and abs(sum(one["probs"].values()) - 1) < 1e-5
+    assert one["score"] == max(one["probs"].values())
+    for other in got["many"][:2]:  # a path and a PIL image get the same preprocessing
+        assert other["label"] == one["label"]
+        assert all(abs(other["probs"][c] - p) < 1e-5 for c, p in one["probs"].items())
+    assert len(got["many"]) == 3
+
+
+def test_resume_auto_continues_steps_and_the_mlflow_run(make_cfg, tmp_path):
+    import mlflow
+
+    # runs laid out as Hydra does: outputs/NAME/TIME/
+    run = ("logger=mlflow", "name=resumable")
+    first = train(make_cfg(*run, f"paths.output_dir={tmp_path}/outputs/resumable/1"))
+    steps = first["global_step"]
+    second = train(
+        make_cfg(
+            *run, "trainer.max_epochs=2", "resume=auto", f"paths.output_dir={tmp_path}/outputs/resumable/2"
+        )
+    )
+    assert second["resumed_from"] == first["last_checkpoint"]
+    assert second["global_step"] == 2 * steps
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["resumable"])
+    assert len(runs) == 1  # the resumed training logged into the same run
+    run = runs.iloc[0]
+    assert run["params.data/batch_size"] == "16" and run["params.model/backbone"] == "test_resnet"
+    assert 0 <= run["metrics.val/acc"] <= 1
+    history = mlflow.tracking.MlflowClient().get_metric_history(run["run_id"], "val/acc")
+    assert len(history) == 2  # one value per epoch, across both invocations
+    artifacts = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run["run_id"])]
+    assert artifacts, "the best checkpoint is logged as an artifact"
+    ckpt = torch.load(second["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt[KEY]["run_ids"]["mlflow"] == run["run_id"]
+
+
+def test_wandb_offline_run_holds_history_and_no_secrets(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("SHARDTRAIN_TEST_API_TOKEN", "s3cr3t-value-123")
+    train(make_cfg("logger=wandb", "+extra.token=${oc.env:SHARDTRAIN_TEST_API_TOKEN}"))
+    runs = list((tmp_path / "outputs" / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = list(runs[0].rglob("*.wandb"))
+    raw = b"".join(p.read_bytes() for p in files)
+    assert b"val/acc" in raw and b"train/loss" in raw
+    assert b"s3cr3t-value-123" not in b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
+
+
+def test_tensorboard_and_csv_write_their_files(make_cfg, tmp_path):
+    train(make_cfg("logger=[csv,tensorboard]"))
+    assert list((tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv"))
+    assert list((tmp_path / "outputs" / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed"])
+def test_mixed_precision_via_the_trainer(make_cfg, precision):
+    result = train(make_cfg(f"trainer.precision={precision}"))
+    assert "val/acc" in result["metrics"]

@@ -1,0 +1,108 @@
+"""What a checkpoint carries besides weights, how a run finds one to resume, and `load_model`.
+
+Under the key "shardtrain" every checkpoint holds plain data only, so it loads with
+`torch.load(..., weights_only=True)`:
+
+    {"model": ModelSpec as a dict (backbone, classes, image size, normalisation),
+     "run_ids": {"mlflow": "...", "wandb": "..."},
+     "lineage": {"config": resolved config (secrets redacted), "dataset": {"index", "sha256"},
+                 "code_version": "git describe or package version", "packages": {...}}}
+
+The data position is Lightning's own datamodule entry (ShardDataModule.state_dict).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import subprocess
+from importlib import metadata
+
+import lightning.pytorch as L
+import torch
+
+from data.errors import UserError
+from train.classifier import Classifier, ModelSpec, build_backbone
+from train.tracking import run_ids
+
+KEY = "shardtrain"
+PACKAGES = ("shardtrain", "torch", "torchvision", "lightning", "timm", "webdataset", "torchmetrics")
+
+
+def code_version() -> str:
+    """`git describe` of the source tree when running from a checkout, else the package version."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return f"git:{out.stdout.strip()}"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"shardtrain=={metadata.version('shardtrain')}"
+
+
+def lineage(config: dict, index_url: str, index_sha256: str) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return {
+        "config": config,
+        "dataset": {"index": index_url, "sha256": index_sha256},
+        "code_version": code_version(),
+        "packages": versions,
+    }
+
+
+class Lineage(L.Callback):
+    """Writes the model spec, tracker run ids and lineage into every checkpoint."""
+
+    def __init__(self, lineage: dict):
+        self.lineage = lineage
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[KEY] = {
+            "model": pl_module.net.spec.to_dict(),
+            "run_ids": run_ids(trainer.loggers),
+            "lineage": self.lineage,
+        }
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint loaded safely: tensors and plain data only, never pickled code."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if KEY not in ckpt:
+        raise UserError(f"checkpoint {path} was not written by shardtrain (no '{KEY}' entry)")
+    return ckpt
+
+
+def find_resume(resume: str | None, runs_dir: str) -> str | None:
+    """`resume`: null (fresh start), "auto" (newest `last.ckpt` under `runs_dir`, if any) or a path."""
+    if not resume:
+        return None
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise UserError(f"resume={resume}: no such checkpoint (use resume=auto or a .ckpt path)")
+        return resume
+    found = glob.glob(os.path.join(runs_dir, "**", "last.ckpt"), recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
+    """A checkpoint as an eval-mode `Classifier` with `.predict(images)`; weights load safely
+    (`weights_only=True`) and the checkpoint's own preprocessing comes along."""
+    ckpt = load_checkpoint(path)
+    spec = ModelSpec.from_dict(ckpt[KEY]["model"])
+    net = Classifier(build_backbone(spec.backbone, len(spec.classes)), spec)
+    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval().to(device)

@@ -1,0 +1,154 @@
+"""The network a checkpoint holds: a timm (or torchvision) backbone behind on-device normalisation,
+plus the plain-data spec that rebuilds it and preprocesses images the way training did."""
+
+from __future__ import annotations
+
+import difflib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from data.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything besides the weights that inference needs; stored in checkpoints as a dict."""
+
+    backbone: str  # timm name, or "tv/<name>" for torchvision
+    classes: tuple[str, ...]
+    image_size: int  # input side, pixels
+    crop_pct: float = 0.875  # eval: resize the short side to image_size / crop_pct, centre crop
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, on the 0..1 scale
+    std: tuple[float, float, float] = IMAGENET_STD
+    extra: dict = field(default_factory=dict)  # e.g. a decision threshold, added later
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def build_backbone(
+    name: str, num_classes: int, pretrained: str | None = None, drop_rate: float = 0.0
+) -> nn.Module:
+    """A classifier network with a fresh `num_classes` head. Weights come only from a local file
+    (`pretrained`: .safetensors, .pth or .bin); nothing is ever downloaded."""
+    if name.startswith("tv/"):
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
+        except ValueError:
+            known = [f"tv/{n}" for n in torchvision.models.list_models()]
+            raise UserError(_unknown(name, known)) from None
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise UserError(_unknown(name, timm.list_models()))
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    if pretrained:
+        load_pretrained(net, pretrained)
+    return net
+
+
+def _unknown(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. resnet18, resnet50, convnext_tiny"
+    return f"model.backbone={name}: no such model ({hint}; list them with timm.list_models('resnet*'))"
+
+
+def load_pretrained(net: nn.Module, path: str) -> None:
+    """Load matching weights; the classifier head is skipped when its shape differs (a pretrained
+    ImageNet head has 1000 classes, ours has the data set's)."""
+    if not os.path.isfile(path):
+        raise UserError(f"model.pretrained={path}: no such file (give a local weights file)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise UserError(f"model.pretrained={path}: no tensor matches this backbone's names/shapes")
+    net.load_state_dict(usable, strict=False)
+
+
+class Classifier(nn.Module):
+    """uint8 images (B, 3, H, W) → logits (B, classes); normalisation lives here so training,
+    inference and every export share it."""
+
+    def __init__(self, backbone: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.backbone, self.spec = backbone, spec
+        # Scaled by 255 so the uint8 batch needs one subtract and one divide: (1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return self.backbone(x)
+
+    @torch.inference_mode()
+    def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
+        """Class probabilities for image paths, PIL images or uint8 (3, H, W) tensors (one, or a
+        list), preprocessed as the checkpoint's eval transform does:
+        `{"label": "scratch", "score": 0.97, "probs": {"ok": 0.01, "scratch": 0.97, ...}}`."""
+        from data.transforms import EvalTransform
+
+        single = not isinstance(images, list | tuple)
+        images = [images] if single else list(images)
+        transform = EvalTransform(self.spec.image_size, self.spec.crop_pct)
+        device = self.mean.device
+        results = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([transform.apply(_as_image(x)) for x in images[i : i + batch_size]])
+            probs = self(batch.to(device)).float().softmax(dim=1).cpu()  # (B, classes)
+            for row in probs.tolist():
+                best = max(range(len(row)), key=row.__getitem__)
+                results.append(
+                    {
+                        "label": self.spec.classes[best],
+                        "score": row[best],
+                        "probs": dict(zip(self.spec.classes, row)),
+                    }
+                )
+        return results[0] if single else results
+
+
+def spec_for(
+    net: nn.Module, backbone: str, classes: Sequence[str], image_size: int, crop_pct: float
+) -> ModelSpec:
+    """The spec of a freshly built backbone, with the normalisation its pretrained weights expect."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    return ModelSpec(backbone, tuple(classes), image_size, crop_pct, mean, std)
+
+
+def _as_image(x):
+    from PIL import Image
+
+    if isinstance(x, str | os.PathLike):
+        with open(x, "rb") as f:  # left unloaded: the eval transform picks a reduced JPEG scale
+            return Image.open(io.BytesIO(f.read()))
+    if isinstance(x, Image.Image):
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.uint8:  # float images are taken as 0..1, the torchvision convention
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        return x
+    raise TypeError(f"predict takes paths, PIL images or (3, H, W) tensors, not {type(x).__name__}")

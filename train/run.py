@@ -1,0 +1,56 @@
+"""The composition root: the config becomes a datamodule, a module, loggers, callbacks and a
+trainer, and training runs. The only place that instantiates from config; tests call `train`."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.datamodule import ShardDataModule
+from train.checkpoint import KEY, Lineage, find_resume, lineage, load_checkpoint
+from train.classifier import Classifier, build_backbone, spec_for
+from train.module import ImageClassifier
+from train.report import summarize
+from train.tracking import build_loggers, finish, log_config, redact
+
+
+def build(cfg: DictConfig) -> tuple[ShardDataModule, ImageClassifier]:
+    """The data and the model, as every launcher (local, Ray) builds them."""
+    datamodule: ShardDataModule = instantiate(cfg.data)
+    classes = datamodule.classes  # reads the index (writing the embedded set the first time)
+    m = cfg.model
+    backbone = build_backbone(m.backbone, len(classes), m.pretrained, m.drop_rate)
+    spec = spec_for(backbone, m.backbone, classes, cfg.data.image_size, cfg.data.crop_pct)
+    module = ImageClassifier(
+        Classifier(backbone, spec),
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        label_smoothing=m.label_smoothing,
+        channels_last=m.channels_last,
+    )
+    return datamodule, module
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, and return the final validation metrics and the best checkpoint."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+
+    ckpt_path = find_resume(cfg.resume, os.path.join(cfg.paths.log_dir, cfg.name))
+    run_ids = load_checkpoint(ckpt_path)[KEY]["run_ids"] if ckpt_path else {}
+    config = redact(OmegaConf.to_container(cfg, resolve=True))
+    loggers = build_loggers(cfg.get("logger"), run_ids)
+    log_config(loggers, config, run_ids)
+
+    index = datamodule.index
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(Lineage(lineage(config, index.location, index.sha256)))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish(loggers)
+    return summarize(trainer, module, resumed_from=ckpt_path)

@@ -1,0 +1,83 @@
+"""Tracking backends: build the chosen Lightning loggers, continue a resumed run's tracker run, and
+log the config with secrets removed.
+
+Each backend is imported only when its config is chosen (wandb and mlflow cost seconds at start).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+
+SECRET = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def build_loggers(configs: Mapping | None, run_ids: Mapping[str, str]) -> list[Logger]:
+    """One logger per entry of `logger:` (`logger=[csv,mlflow]` chooses several). `run_ids` are
+    the tracker run ids a checkpoint recorded; a resumed run logs into the same runs."""
+    loggers = []
+    for cfg in (configs or {}).values():
+        kwargs = {}
+        target = cfg["_target_"].rsplit(".", 1)[-1]
+        if target == "MLFlowLogger" and run_ids.get("mlflow"):
+            kwargs["run_id"] = run_ids["mlflow"]
+        if target == "WandbLogger":
+            if run_ids.get("wandb"):
+                kwargs.update(id=run_ids["wandb"], resume="allow")
+            if cfg.get("offline") is None:
+                # Offline unless the user can and wants to reach a server: never a login prompt.
+                online = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online"
+                kwargs["offline"] = not online
+        loggers.append(instantiate(cfg, **kwargs))
+    return loggers
+
+
+def log_config(loggers: list[Logger], config: dict, resumed_ids: Mapping[str, str]) -> None:
+    """The resolved config as hyperparameters. An MLflow run that is being continued keeps the
+    params it has (MLflow refuses changed values); the new config is in every checkpoint."""
+    for logger in loggers:
+        if type(logger).__name__ == "MLFlowLogger" and resumed_ids.get("mlflow"):
+            continue
+        logger.log_hyperparams(config)
+
+
+def finish(loggers: list[Logger]) -> None:
+    """Close runs that outlive `trainer.fit`: an open wandb run would swallow the next training
+    started in the same process (a notebook, a test) and holds unflushed history."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def run_ids(loggers: list[Logger]) -> dict[str, str]:
+    """The tracker runs this training writes to, for the checkpoint (rank zero knows them)."""
+    ids = {}
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "MLFlowLogger" and logger.run_id:
+            ids["mlflow"] = logger.run_id
+        elif kind == "WandbLogger" and logger.experiment is not None:
+            ids["wandb"] = logger.experiment.id
+    return ids
+
+
+def redact(config: object) -> object:
+    """The config with every value under a secret-looking key replaced, and any string equal to a
+    secret-looking environment variable too (an `${oc.env:...}` interpolation resolves to it)."""
+    secrets = {v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 8}
+
+    def walk(node: object, key: str = "") -> object:
+        if isinstance(node, Mapping):
+            return {k: walk(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            return [walk(v, key) for v in node]
+        if node is not None and (SECRET.search(key) or (isinstance(node, str) and node in secrets)):
+            return REDACTED
+        return node
+
+    return walk(config)
