@@ -225,6 +225,8 @@ def write_dataset(
             samples = _checked(split_items, payloads, classes, key_of, skipped, examples)
             mb = int(shard_size_mb * 2**20)
             written[name] = Split(tuple(write_shards(samples, tmp, name, shard_samples, mb)))
+        if not any(s.shards for s in written.values()):  # before anything old is touched
+            raise UserError(f"no readable images among {len(items)} files ({examples[:3]})")
         old = _remove_index(out_dir)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
@@ -235,8 +237,6 @@ def write_dataset(
         if pool:
             pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
-    if not any(s.shards for s in written.values()):
-        raise UserError(f"no readable images among {len(items)} files ({examples[:3]})")
     index = DatasetIndex(classes, written, extra={"created_by": extra or {}})
     url = os.path.join(out_dir, INDEX_NAME)
     sha = save_index(index, url)

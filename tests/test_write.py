@@ -215,3 +215,17 @@ def test_cli_write_and_errors(tmp_path):
     assert missing.stderr.strip().splitlines() == [
         f"error: --from-folder {tmp_path / 'nope'}: not a directory (expected one subfolder per class)"
     ]
+
+
+def test_unreadable_replacement_leaves_the_old_data_set_intact(tmp_path):
+    src = make_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    write_dataset(sources.from_folder(str(src)), str(out), workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    junk = tmp_path / "junk"
+    for c in ("a", "b"):
+        (junk / c).mkdir(parents=True)
+        (junk / c / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match="no readable images"):
+        write_dataset(sources.from_folder(str(junk)), str(out), workers=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
