@@ -97,3 +97,13 @@ def test_cli_multirun_sweeps_a_parameter(tmp_path, tiny_index):
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted((tmp_path / "outputs" / "default").glob("multirun-*/*/checkpoints/last.ckpt"))
     assert len(runs) == 2
+
+
+def test_startup_does_not_import_optional_backends():
+    code = (
+        "import sys, train.run, data.datamodule\n"
+        "print(sorted(m for m in ('wandb', 'mlflow', 'ray', 'onnx', 'tensorboard') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
