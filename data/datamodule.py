@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cached_property
@@ -17,6 +18,12 @@ from data.stream import ShardStream
 from data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
+
+# The data position lives in this module's state_dict, so a mid-epoch checkpoint resumes
+# exactly; Lightning only knows to look on the loader and would warn on every such resume.
+warnings.filterwarnings(
+    "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
 class PlannedLoader(DataLoader):
@@ -105,7 +112,7 @@ class ShardDataModule(L.LightningDataModule):
         )
         if train and len(plan) == 0:
             n = sum(plan.shard_sizes)
-            raise ValueError(
+            raise UserError(
                 f"data.batch_size={self.batch_size} × {plan.world_size} ranks is more than the "
                 f"{n} samples of split {split!r}: lower data.batch_size"
             )
@@ -115,7 +122,7 @@ class ShardDataModule(L.LightningDataModule):
         urls, plan = self._plan(split, train)
         transform = self.train_transform if train else self.eval_transform
         return PlannedLoader(
-            ShardStream(urls, plan, transform),
+            ShardStream(urls, plan, transform, len(self.classes)),
             epoch=lambda: self.trainer.current_epoch if train and self.trainer else 0,
             start=(lambda: self._start_batches()) if train else (lambda: 0),
             num_workers=self.num_workers,
@@ -135,11 +142,7 @@ class ShardDataModule(L.LightningDataModule):
         saved, self._resume = self._resume, {"epoch": -1, "batches": 0}  # first iteration only
         if saved["epoch"] != epoch or not saved["batches"]:
             return 0
-        now = {
-            "world_size": self.trainer.world_size if self.trainer else 1,
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-        }
+        now = self._plan_inputs()
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         if changed:
             # The position counts batches of the saved plan; another plan splits the epoch
@@ -161,10 +164,18 @@ class ShardDataModule(L.LightningDataModule):
             "epoch": trainer.current_epoch,
             "batches": done,
             "samples": done * self.batch_size * trainer.world_size,  # global position
-            "world_size": trainer.world_size,
+            **self._plan_inputs(),
+        }
+
+    def _plan_inputs(self) -> dict:
+        """What besides the epoch fixes the training plan; a mid-epoch position is only
+        meaningful under the same values."""
+        return {
+            "world_size": self.trainer.world_size if self.trainer else 1,
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
             "index_sha256": self.index.sha256,
         }
 

@@ -19,12 +19,10 @@ def open_image(data: bytes) -> Image.Image:
     return im
 
 
-def decode_rgb(im: Image.Image, spare: float) -> tuple[Image.Image, float]:
+def decode_rgb(im: Image.Image, spare: float) -> Image.Image:
     """Decode as RGB, reduced by up to `spare` (how many times larger the region we need is than
-    the output); returns the image and its scale relative to the header size. JPEG reduces by
-    1/2, 1/4 or 1/8 inside the DCT, which skips most of the decode work."""
-    full = im.size
+    the output). JPEG reduces by 1/2, 1/4 or 1/8 inside the DCT, which skips most of the decode
+    work; compare the result's size with the header's to map coordinates."""
     if spare >= 2 and im.format == "JPEG":
-        im.draft("RGB", (math.ceil(full[0] / spare), math.ceil(full[1] / spare)))
-    im = im.convert("RGB")
-    return im, im.size[0] / full[0]
+        im.draft("RGB", (math.ceil(im.width / spare), math.ceil(im.height / spare)))
+    return im.convert("RGB")

@@ -7,3 +7,12 @@ class UserError(Exception):
     The message names the value, what was expected and what to do; entry points print it
     alone (no traceback) and exit non-zero.
     """
+
+
+def message(error: UserError) -> str:
+    """The user-facing text, also for an error re-raised from a DataLoader worker (whose message
+    torch prefixes with the worker's traceback)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text

@@ -91,7 +91,7 @@ class DatasetIndex:
 def parent_url(url: str) -> str:
     if "://" in url:
         return url.rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(url))
+    return os.path.dirname(os.path.abspath(os.path.expanduser(url)))
 
 
 def join_url(base: str, url: str) -> str:
@@ -102,6 +102,8 @@ def join_url(base: str, url: str) -> str:
 
 def index_url(path_or_dir: str) -> str:
     """Accept a data set directory as well as the index file itself."""
+    if "://" not in path_or_dir:
+        path_or_dir = os.path.abspath(os.path.expanduser(path_or_dir))
     if path_or_dir.endswith(".json"):
         return path_or_dir
     return join_url(path_or_dir.rstrip("/"), INDEX_NAME)
@@ -117,6 +119,10 @@ def load_index(path_or_dir: str) -> DatasetIndex:
             f"no dataset index at {url} (make shards and an index with: "
             f"python -m data write --from-folder IMAGES {parent_url(url)})"
         ) from None
+    except ImportError as e:  # fsspec names the package a URL scheme needs
+        raise UserError(f"cannot open {url}: {e}") from None
+    except (OSError, ValueError) as e:  # permissions, credentials, unreachable endpoints
+        raise UserError(f"cannot read {url}: {e}") from None
     try:
         doc = json.loads(raw)
         if doc.get("format") != FORMAT:
@@ -141,7 +147,7 @@ def save_index(index: DatasetIndex, url: str) -> str:
         with fsspec.open(url, "wb") as f:
             f.write(raw)
     else:
-        tmp = url + ".tmp"
+        tmp = f"{url}.{os.getpid()}.tmp"  # per process: concurrent writers never share it
         with open(tmp, "wb") as f:
             f.write(raw)
         os.replace(tmp, url)

@@ -67,7 +67,7 @@ def from_manifest(path: str) -> list[Item]:
     """
     if not os.path.isfile(path):
         raise UserError(f"--from-manifest {path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: spreadsheet CSVs start with a BOM
         text = f.read()
     if path.endswith((".jsonl", ".ndjson")):
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from data.errors import UserError
 from data.plan import EpochPlan, Sample
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,23 @@ def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples
     left = Counter(s for s, _ in samples)  # per shard: planned samples not yet yielded
     readers: dict[int, Generator[tuple[int, dict]]] = {}
     stash: dict[Sample, dict] = {}
-    ended: set[int] = set()  # shards that stopped early: their missing samples are skipped
+    ended: dict[int, str] = {}  # shards that stopped early, and why: the rest of each is lost
     for shard, i in samples:
         while (shard, i) not in stash and shard not in ended:
             reader = readers.setdefault(shard, _tar_samples(urls[shard]))
             try:
                 j, sample = next(reader)
+            except FileNotFoundError:
+                raise UserError(
+                    f"shard {urls[shard]} is listed in the index but missing "
+                    "(restore it, or rewrite the data set with python -m data write)"
+                ) from None
             except StopIteration:
-                bad("shard shorter than its index", urls[shard], f"#{i}")
-                ended.add(shard)
+                ended[shard] = "shard shorter than its index"
                 break
-            except Exception as e:  # truncated or corrupt tar: the rest of the shard is lost
-                bad("unreadable tar", urls[shard], f"#{i}", e)
-                ended.add(shard)
+            except Exception as e:  # truncated or corrupt tar
+                ended[shard] = "unreadable tar"
+                log.warning("shard %s stops early: %s", urls[shard], e)
                 break
             if (shard, j) in wanted:
                 stash[(shard, j)] = sample
@@ -79,10 +84,12 @@ def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples
             readers.pop(shard).close()
         if (shard, i) in stash:
             yield stash.pop((shard, i))
+        else:
+            bad(ended[shard], urls[shard], f"#{i}")
 
 
 def decode_samples(
-    samples: Iterable[dict], transform: Callable[[bytes], torch.Tensor], bad: BadSamples
+    samples: Iterable[dict], transform: Callable[[bytes], torch.Tensor], num_classes: int, bad: BadSamples
 ) -> Iterator[tuple[torch.Tensor, int, str]]:
     for sample in samples:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
@@ -94,6 +101,9 @@ def decode_samples(
             label = int(sample["cls"])
         except (KeyError, ValueError) as e:
             bad("bad label", url, key, e)
+            continue
+        if not 0 <= label < num_classes:  # would crash the loss (on a GPU, opaquely)
+            bad("label out of range", url, key, ValueError(f"{label} not in [0, {num_classes})"))
             continue
         try:
             yield transform(image), label, key
@@ -122,8 +132,9 @@ class ShardStream(IterableDataset):
     each iteration; both are plain data, so they travel to worker processes by pickling.
     """
 
-    def __init__(self, urls: Sequence[str], plan: EpochPlan, transform: Callable):
+    def __init__(self, urls: Sequence[str], plan: EpochPlan, transform: Callable, num_classes: int):
         self.urls, self.plan, self.transform = list(urls), plan, transform
+        self.num_classes = num_classes
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -138,6 +149,6 @@ class ShardStream(IterableDataset):
         bad = BadSamples()
         samples = self.plan.worker_samples(worker, self.consumed)
         yield from batched(
-            decode_samples(read_planned(samples, self.urls, bad), self.transform, bad),
+            decode_samples(read_planned(samples, self.urls, bad), self.transform, self.num_classes, bad),
             self.plan.batch_size,
         )

@@ -30,13 +30,20 @@ class TrainTransform:
     def __call__(self, data: bytes) -> torch.Tensor:
         im = open_image(data)
         top, left, h, w = _RRC.get_params(im, list(self.scale), list(self.ratio))
-        im, f = decode_rgb(im, min(h, w) / self.size)
+        full_w, full_h = im.size
+        im = decode_rgb(im, min(h, w) / self.size)
+        # The box, drawn on the header size, in decoded pixels; per axis, since a reduced JPEG
+        # rounds each side up on its own. Clamped, so rounding never crops past an edge.
+        fx, fy = im.width / full_w, im.height / full_h
+        top, left = min(round(top * fy), im.height - 1), min(round(left * fx), im.width - 1)
+        h = max(1, min(round(h * fy), im.height - top))
+        w = max(1, min(round(w * fx), im.width - left))
         out = F.resized_crop(
             F.pil_to_tensor(im),
-            round(top * f),
-            round(left * f),
-            max(1, round(h * f)),
-            max(1, round(w * f)),
+            top,
+            left,
+            h,
+            w,
             [self.size, self.size],
             InterpolationMode.BILINEAR,
             antialias=True,
@@ -59,7 +66,7 @@ class EvalTransform:
     def apply(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """The same resize and crop for an image already open: PIL, or uint8 (3, H, W)."""
         if isinstance(image, Image.Image):
-            image, _ = decode_rgb(image, min(image.size) / self.resize)
+            image = decode_rgb(image, min(image.size) / self.resize)
             image = F.pil_to_tensor(image)
         out = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(out, [self.size, self.size])

@@ -9,6 +9,7 @@ the worker pool returns results in input order.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -175,7 +176,11 @@ def _remove_index(out_dir: str) -> set[str]:
     url = os.path.join(out_dir, INDEX_NAME)
     if not os.path.exists(url):
         return set()
-    old = load_index(url)
+    try:
+        old = load_index(url)
+    except UserError:  # unreadable: nothing to learn about stale shards from it
+        os.remove(url)
+        return set()
     os.remove(url)
     return {s.url for split in old.splits.values() for s in split.shards if "/" not in s.url}
 
@@ -198,6 +203,11 @@ def write_dataset(
     is written, so an interrupted write leaves either the old data set or none, never a mix.
     """
     start = time.perf_counter()
+    if "://" in out_dir:
+        raise UserError(
+            f"{out_dir}: shards are written to a local directory for now; upload it as a whole "
+            "afterwards (e.g. aws s3 sync ./shards s3://bucket/ds), shard URLs are relative"
+        )
     labels = sorted({i.label for i in items})
     if not items:
         raise UserError("the source has no images (expected image files, one subfolder per class)")
@@ -248,15 +258,20 @@ def write_dataset(
 def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int) -> str:
     """Write the embedded inspection set to `index`'s directory unless it is already there.
 
-    Generation is deterministic, so ranks racing here write identical bytes; whoever loses the
-    race finds the index and keeps the winner's data set."""
+    Safe to call from every rank at once: a lock file lets one process write while the others
+    wait, then find the index."""
     out_dir = os.path.dirname(os.path.abspath(index))
     if os.path.exists(index):
         return index
     from data.sources import from_synthetic
 
-    log.info("writing the embedded inspection set (%d images) to %s", num_samples, out_dir)
-    try:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "w") as lock:
+        # Ranks started together (torchrun, SLURM, Ray) queue here; the first one writes.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(index):
+            return index
+        log.info("writing the embedded inspection set (%d images) to %s", num_samples, out_dir)
         report = write_dataset(
             from_synthetic(num_samples, seed, image_size),
             out_dir,
@@ -265,8 +280,5 @@ def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int) -
             shard_samples=500,
             extra={"synthetic": {"num_samples": num_samples, "seed": seed, "image_size": image_size}},
         )
-        log.info("wrote %d images in %.1f s", report.written, report.seconds)
-    except UserError:
-        if not os.path.exists(index):
-            raise
+    log.info("wrote %d images in %.1f s", report.written, report.seconds)
     return index

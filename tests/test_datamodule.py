@@ -13,7 +13,8 @@ from data.datamodule import ShardDataModule
 from data.errors import UserError
 from data.index import load_index
 from data.plan import EpochPlan
-from data.stream import BadSamples, read_planned
+from data.stream import BadSamples, decode_samples, read_planned
+from data.transforms import EvalTransform
 
 
 def all_keys(index_url: str, split: str) -> list[str]:
@@ -89,19 +90,19 @@ def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path, tiny_i
             if n == 4:  # members go jpg, cls, json: this is the second sample's label
                 assert member.name.endswith(".cls")
                 data = b"three"
+            if n == 7:  # the third sample's label: no such class
+                assert member.name.endswith(".cls")
+                data = b"5"
             info = tarfile.TarInfo(member.name)
             info.size = len(data)
             dst.addfile(info, io.BytesIO(data))
     plan = EpochPlan((50,), batch_size=50, shuffle=False, drop_last=False)
     bad = BadSamples()
-    from data.stream import decode_samples
-    from data.transforms import EvalTransform
-
     out = list(
-        decode_samples(read_planned(plan.worker_samples(0), [str(bad_shard)], bad), EvalTransform(32), bad)
+        decode_samples(read_planned(plan.worker_samples(0), [str(bad_shard)], bad), EvalTransform(32), 5, bad)
     )
-    assert len(out) == 48
-    assert bad.counts == {"undecodable image": 1, "bad label": 1}
+    assert len(out) == 47
+    assert bad.counts == {"undecodable image": 1, "bad label": 1, "label out of range": 1}
 
 
 def test_truncated_shard_loses_only_its_tail(tmp_path, tiny_index):
@@ -114,4 +115,10 @@ def test_truncated_shard_loses_only_its_tail(tmp_path, tiny_index):
     plan = EpochPlan((50,), batch_size=50, shuffle=False, drop_last=False)
     got = list(read_planned(plan.worker_samples(0), [str(cut)], bad))
     assert 10 < len(got) < 50
-    assert bad.counts["unreadable tar"] + bad.counts["shard shorter than its index"] >= 1
+    assert sum(bad.counts.values()) == 50 - len(got)  # every lost sample is counted
+
+
+def test_missing_shard_is_an_error_naming_it(tmp_path):
+    plan = EpochPlan((3,), batch_size=3, shuffle=False, drop_last=False)
+    with pytest.raises(UserError, match=r"shard .*gone.tar is listed in the index but missing"):
+        list(read_planned(plan.worker_samples(0), [str(tmp_path / "gone.tar")], BadSamples()))

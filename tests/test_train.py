@@ -101,6 +101,14 @@ def test_resume_auto_continues_steps_and_the_mlflow_run(make_cfg, tmp_path):
     assert ckpt[KEY]["run_ids"]["mlflow"] == run["run_id"]
 
 
+def test_resume_of_another_model_is_refused(make_cfg, tmp_path):
+    from data.errors import UserError
+
+    first = train(make_cfg())
+    with pytest.raises(UserError, match=r"cannot resume from .*backbone test_resnet -> resnet18"):
+        train(make_cfg("model.backbone=resnet18", f"resume={first['last_checkpoint']}"))
+
+
 def test_wandb_offline_run_holds_history_and_no_secrets(make_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("SHARDTRAIN_TEST_API_TOKEN", "s3cr3t-value-123")

@@ -38,11 +38,16 @@ def test_train_transform_is_random_and_seedable():
 
 
 def test_large_jpeg_decodes_at_reduced_scale():
-    im = decode.open_image(jpeg(1024, 768))
-    small, scale = decode.decode_rgb(im, spare=4.5)
-    assert scale == 0.25 and small.size == (256, 192)  # 1/4 DCT scale still covers the need
-    im = decode.open_image(jpeg(1024, 768))
-    assert decode.decode_rgb(im, spare=1.5)[1] == 1.0  # no room to reduce: full decode
+    small = decode.decode_rgb(decode.open_image(jpeg(1024, 768)), spare=4.5)
+    assert small.size == (256, 192)  # the 1/4 DCT scale still covers what is needed
+    assert decode.decode_rgb(decode.open_image(jpeg(1024, 768)), spare=1.5).size == (1024, 768)
+
+
+def test_full_crop_of_an_odd_sized_reduced_jpeg_stays_inside_the_image():
+    buf = io.BytesIO()
+    Image.new("RGB", (1001, 999), (200, 200, 200)).save(buf, format="JPEG", quality=95)
+    out = TrainTransform(64, scale=(1.0, 1.0), ratio=(1001 / 999, 1001 / 999), hflip=0.0)(buf.getvalue())
+    assert out.min() >= 195  # no zero padding from a box past the bottom or right edge
 
 
 def test_eval_transform_is_deterministic_and_matches_for_pil_input():

@@ -229,3 +229,17 @@ def test_unreadable_replacement_leaves_the_old_data_set_intact(tmp_path):
     with pytest.raises(UserError, match="no readable images"):
         write_dataset(sources.from_folder(str(junk)), str(out), workers=1, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_ranks_starting_together_write_the_embedded_set_once(tmp_path):
+    index = str(tmp_path / "cache" / "set" / "dataset.json")
+    code = f"from data.write import ensure_synthetic; print(ensure_synthetic({index!r}, 60, 0, 32))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert out.decode().strip() == index
+    assert load_index(index).split("train").num_samples + load_index(index).split("val").num_samples == 60

@@ -7,7 +7,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from data.errors import UserError, message
 
 log = logging.getLogger("train")
 
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except UserError as e:
-        log.error("error: %s", e)
+        log.error("error: %s", message(e))
         sys.exit(2)
     return result["metrics"].get("val/acc")  # the value a Hydra sweeper optimises
 

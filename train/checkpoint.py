@@ -97,6 +97,22 @@ def find_resume(resume: str | None, runs_dir: str) -> str | None:
     return max(found, key=os.path.getmtime) if found else None
 
 
+def check_resumable(path: str, meta: dict, spec: ModelSpec) -> None:
+    """A checkpoint continues only the same network on the same classes."""
+    saved = ModelSpec.from_dict(meta["model"])
+    fields = ("backbone", "classes", "image_size")
+    diff = [
+        f"{f} {getattr(saved, f)} -> {getattr(spec, f)}"
+        for f in fields
+        if getattr(saved, f) != getattr(spec, f)
+    ]
+    if diff:
+        raise UserError(
+            f"cannot resume from {path}: {'; '.join(diff)} (resume=null starts fresh; or restore the "
+            "settings that checkpoint was trained with)"
+        )
+
+
 def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
     """A checkpoint as an eval-mode `Classifier` with `.predict(images)`; weights load safely
     (`weights_only=True`) and the checkpoint's own preprocessing comes along."""

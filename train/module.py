@@ -79,7 +79,7 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
         images, labels, _keys = batch
         logits = self(images)
-        self.log("val/loss", self.loss(logits, labels), batch_size=len(labels))
+        self.log("val/loss", self.loss(logits, labels), batch_size=len(labels), sync_dist=True)
         self.val_metrics.update(logits, labels)
         self.val_recall.update(logits, labels)
         self.val_confusion.update(logits, labels)

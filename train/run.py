@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data.datamodule import ShardDataModule
-from train.checkpoint import KEY, Lineage, find_resume, lineage, load_checkpoint
+from train.checkpoint import KEY, Lineage, check_resumable, find_resume, lineage, load_checkpoint
 from train.classifier import Classifier, build_backbone, spec_for
 from train.module import ImageClassifier
 from train.report import summarize
@@ -40,14 +40,18 @@ def train(cfg: DictConfig) -> dict:
     datamodule, module = build(cfg)
 
     ckpt_path = find_resume(cfg.resume, os.path.join(cfg.paths.log_dir, cfg.name))
-    run_ids = load_checkpoint(ckpt_path)[KEY]["run_ids"] if ckpt_path else {}
+    run_ids = {}
+    if ckpt_path:
+        meta = load_checkpoint(ckpt_path)[KEY]
+        check_resumable(ckpt_path, meta, module.net.spec)
+        run_ids = meta["run_ids"]
     config = redact(OmegaConf.to_container(cfg, resolve=True))
     loggers = build_loggers(cfg.get("logger"), run_ids)
     log_config(loggers, config, run_ids)
 
     index = datamodule.index
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks.append(Lineage(lineage(config, index.location, index.sha256)))
+    callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256)))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

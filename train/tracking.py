@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 
-SECRET = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+# A key names a secret when one of its words (split on _ - .) is one of these: `api_key`,
+# `aws_secret_access_key` and `password` match; `author`, `monkey` and `max_keys` do not.
+SECRET = re.compile(r"(^|[_.-])(key|token|secret|password|passwd|credentials?|auth)($|[_.-])", re.I)
+# Secrets inside values: URL userinfo (https://user:pass@host) and signed-URL query parameters.
+USERINFO = re.compile(r"(://)[^/@\s]+@")
+SIGNED_QUERY = re.compile(
+    r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|token|access_token"
+    r"|api_key|key)=)[^&\s]+",
+    re.I,
+)
 REDACTED = "<redacted>"
 
 
@@ -67,17 +76,26 @@ def run_ids(loggers: list[Logger]) -> dict[str, str]:
 
 
 def redact(config: object) -> object:
-    """The config with every value under a secret-looking key replaced, and any string equal to a
-    secret-looking environment variable too (an `${oc.env:...}` interpolation resolves to it)."""
-    secrets = {v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 8}
+    """The config (or any value) with secrets removed: whole values under secret-looking keys,
+    and inside strings any secret environment variable's value, URL passwords and signed-URL
+    parameters (an `${oc.env:...}` interpolation or a pasted URL carries them into values)."""
+    secrets = sorted(
+        (v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 8), key=len, reverse=True
+    )
+
+    def clean(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        text = USERINFO.sub(rf"\1{REDACTED}@", text)
+        return SIGNED_QUERY.sub(rf"\1{REDACTED}", text)
 
     def walk(node: object, key: str = "") -> object:
         if isinstance(node, Mapping):
             return {k: walk(v, str(k)) for k, v in node.items()}
         if isinstance(node, list | tuple):
             return [walk(v, key) for v in node]
-        if node is not None and (SECRET.search(key) or (isinstance(node, str) and node in secrets)):
+        if node is not None and SECRET.search(key):
             return REDACTED
-        return node
+        return clean(node) if isinstance(node, str) else node
 
     return walk(config)
