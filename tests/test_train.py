@@ -131,3 +131,38 @@ def test_tensorboard_and_csv_write_their_files(make_cfg, tmp_path):
 def test_mixed_precision_via_the_trainer(make_cfg, precision):
     result = train(make_cfg(f"trainer.precision={precision}"))
     assert "val/acc" in result["metrics"]
+
+
+def test_two_process_ddp_on_cpu_counts_every_val_sample_once(tmp_path, tiny_index):
+    # Lightning's DDP launcher re-runs the command line for rank 1, so this goes through the CLI.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "data=shards",
+            f"data.index={tiny_index}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.num_workers=1",
+            "model.backbone=test_resnet",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    table = log.split("columns: predicted):\n", 1)[1].splitlines()[1:6]
+    assert sum(int(n) for row in table for n in row.split()[1:]) == 60  # 60 val samples, once each
+    last = next((tmp_path / "outputs" / "default").glob("*/checkpoints/last.ckpt"))
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 180 // (2 * 16)  # each rank: the same 5 full batches
+    assert ckpt["ShardDataModule"]["world_size"] == 2
