@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,8 +16,6 @@ from data.plan import EpochPlan
 from data.stream import ShardStream
 from data.transforms import EvalTransform, TrainTransform
 
-log = logging.getLogger(__name__)
-
 # The data position lives in this module's state_dict, so a mid-epoch checkpoint resumes
 # exactly; Lightning only knows to look on the loader and would warn on every such resume.
 warnings.filterwarnings(
@@ -27,8 +24,8 @@ warnings.filterwarnings(
 
 
 class PlannedLoader(DataLoader):
-    """A DataLoader that points its stream at the current epoch and resume position each time
-    it is iterated; workers get a fresh copy of the stream (with the plan) on every iteration."""
+    """A DataLoader that points its stream at the current epoch and resume position at the start
+    of every pass; workers get a fresh copy of the stream (with the plan) on every pass."""
 
     def __init__(self, stream: ShardStream, epoch: Callable[[], int], start: Callable[[], int], **kw):
         super().__init__(stream, batch_size=None, **kw)
