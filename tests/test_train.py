@@ -121,6 +121,16 @@ def test_wandb_offline_run_holds_history_and_no_secrets(make_cfg, tmp_path, monk
     assert b"s3cr3t-value-123" not in b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
 
 
+def test_resume_continues_the_same_wandb_run(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = ("logger=wandb", "name=w")
+    first = train(make_cfg(*run, f"paths.output_dir={tmp_path}/outputs/w/1"))
+    train(make_cfg(*run, "resume=auto", "trainer.max_epochs=2", f"paths.output_dir={tmp_path}/outputs/w/2"))
+    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "outputs" / "w").glob("*/wandb/offline-run-*")}
+    saved = torch.load(first["last_checkpoint"], map_location="cpu", weights_only=True)[KEY]["run_ids"]
+    assert ids == {saved["wandb"]}  # both invocations wrote to one run
+
+
 def test_tensorboard_and_csv_write_their_files(make_cfg, tmp_path):
     train(make_cfg("logger=[csv,tensorboard]"))
     assert list((tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv"))
