@@ -1,4 +1,5 @@
-"""`python -m data write ...`: turn images into shards plus a dataset.json index."""
+"""`python -m data write ...` turns images into shards plus a dataset.json index;
+`python -m data verify ...` checks shards against their index."""
 
 from __future__ import annotations
 
@@ -47,6 +48,25 @@ def _write(args: argparse.Namespace) -> None:
             print(f"  {example}")
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from data.index import load_index
+    from data.verify import verify
+
+    index = load_index(args.index)
+    checks = verify(index, decode=not args.no_decode, workers=args.workers)
+    broken = [c for c in checks if c.problems]
+    for check in broken:
+        print(f"{check.url}:")
+        for problem in check.problems:
+            print(f"  {problem}")
+    samples = sum(c.samples for c in checks)
+    if broken:
+        print(f"{len(broken)} of {len(checks)} shards have problems ({index.location})")
+        return 1
+    print(f"ok: {len(checks)} shards, {samples} samples match {index.location}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,16 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     w.set_defaults(run=_write)
 
+    v = sub.add_parser("verify", help="check every shard against dataset.json")
+    v.add_argument("index", help="dataset.json or its directory (path or fsspec URL)")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    v.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    v.set_defaults(run=_verify)
+
     args = parser.parse_args(argv)
     if getattr(args, "val_fraction", 0.0) and not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction {args.val_fraction}: expected 0 <= fraction < 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        args.run(args)
+        return args.run(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

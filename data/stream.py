@@ -18,14 +18,13 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 import fsspec
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from data import samples as shard_samples
 from data.errors import UserError
 from data.plan import EpochPlan, Sample
+from data.samples import BadSample
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class BadSamples:
@@ -45,8 +44,7 @@ class BadSamples:
 def _tar_samples(url: str) -> Generator[tuple[int, dict]]:
     """(sample number in the shard, sample) in file order."""
     with fsspec.open(url, "rb") as f:
-        files = ({**file, "__url__": url} for file in tar_file_iterator(f))
-        yield from enumerate(group_by_keys(files))
+        yield from enumerate(shard_samples.tar_samples(f, url))
 
 
 def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples) -> Iterator[dict]:
@@ -93,20 +91,14 @@ def decode_samples(
 ) -> Iterator[tuple[torch.Tensor, int, str]]:
     for sample in samples:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if image is None:
-            bad("no image", url, key)
+        try:
+            image = shard_samples.image_bytes(sample)
+            target = shard_samples.label(sample, num_classes)
+        except BadSample as e:
+            bad(str(e), url, key)
             continue
         try:
-            label = int(sample["cls"])
-        except (KeyError, ValueError) as e:
-            bad("bad label", url, key, e)
-            continue
-        if not 0 <= label < num_classes:  # would crash the loss (on a GPU, opaquely)
-            bad("label out of range", url, key, ValueError(f"{label} not in [0, {num_classes})"))
-            continue
-        try:
-            yield transform(image), label, key
+            yield transform(image), target, key
         except Exception as e:  # PIL raises many types for corrupt data
             bad("undecodable image", url, key, e)
 

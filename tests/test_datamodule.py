@@ -102,7 +102,7 @@ def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path, tiny_i
         decode_samples(read_planned(plan.worker_samples(0), [str(bad_shard)], bad), EvalTransform(32), 5, bad)
     )
     assert len(out) == 47
-    assert bad.counts == {"undecodable image": 1, "bad label": 1, "label out of range": 1}
+    assert bad.counts == {"undecodable image": 1, "missing or non-integer label": 1, "label out of range": 1}
 
 
 def test_truncated_shard_loses_only_its_tail(tmp_path, tiny_index):

@@ -1,0 +1,91 @@
+"""`python -m data verify`: check every shard against its index before a long run finds out.
+
+Per shard: it exists, its size and sha256 match the index, it parses as a tar to the end, it
+holds the listed number of samples, every sample has an image that decodes and a label in range.
+Shards are checked in parallel, one process per shard at a time, each read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import fsspec
+
+from data.decode import open_image
+from data.index import DatasetIndex, Shard
+from data.samples import BadSample, image_bytes, label, tar_samples
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    url: str
+    samples: int  # found in the tar
+    problems: tuple[str, ...]
+
+
+def check_shard(url: str, shard: Shard, num_classes: int, decode: bool = True) -> ShardCheck:
+    """Everything that can be wrong with one shard, as readable lines (at most a few per kind)."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return ShardCheck(url, 0, ("missing",))
+    problems = []
+    if len(raw) != shard.num_bytes:
+        problems.append(f"size {len(raw)} bytes, index says {shard.num_bytes}")
+    if hashlib.sha256(raw).hexdigest() != shard.sha256:
+        problems.append("sha256 differs from the index (changed or corrupted)")
+    bad: dict[str, list[str]] = {}
+    count = 0
+    try:
+        for sample in tar_samples(io.BytesIO(raw), url):
+            count += 1
+            reason = _check_sample(sample, num_classes, decode)
+            if reason:
+                bad.setdefault(reason, []).append(sample["__key__"])
+    except Exception as e:  # the tar itself is broken: what follows is unreadable
+        detail = str(e).split(" @ ")[0]  # webdataset appends the file object's repr
+        problems.append(f"unreadable tar after {count} samples: {detail}")
+    if count != shard.num_samples:
+        problems.append(f"{count} samples, index says {shard.num_samples}")
+    for reason, keys in bad.items():
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        problems.append(f"{reason}: {', '.join(keys[:3])}{more}")
+    return ShardCheck(url, count, tuple(problems))
+
+
+def _check_sample(sample: dict, num_classes: int, decode: bool) -> str | None:
+    try:
+        image = image_bytes(sample)
+        label(sample, num_classes)
+    except BadSample as e:
+        return str(e)
+    if decode:
+        try:
+            with open_image(image) as im:
+                im.draft("RGB", (64, 64))  # a full entropy decode at reduced scale: cheap, thorough
+                im.load()
+        except Exception:
+            return "image does not decode"
+    return None
+
+
+def _check(args: tuple) -> ShardCheck:
+    return check_shard(*args)
+
+
+def verify(index: DatasetIndex, decode: bool = True, workers: int | None = None) -> list[ShardCheck]:
+    jobs = [
+        (index.shard_url(shard), shard, len(index.classes), decode)
+        for split in index.splits.values()
+        for shard in split.shards
+    ]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
+        return [_check(job) for job in jobs]
+    with get_context("spawn").Pool(workers) as pool:
+        return pool.map(_check, jobs, chunksize=1)
