@@ -15,6 +15,7 @@ from data.index import DatasetIndex, load_index
 from data.plan import EpochPlan
 from data.stream import ShardStream
 from data.transforms import EvalTransform, TrainTransform
+from data.write import ensure_synthetic, synthetic_index
 
 # The data position lives in this module's state_dict, so a mid-epoch checkpoint resumes
 # exactly; Lightning only knows to look on the loader and would warn on every such resume.
@@ -47,13 +48,14 @@ class ShardDataModule(L.LightningDataModule):
 
     `batch_size` is per device; every rank gets the same number of training batches (the epoch's
     tail under world × batch samples is dropped) and validation reads every sample exactly once.
-    With `synthetic` set and no index at `index`, `prepare_data` first writes the embedded
-    inspection set there.
+    `index` is the data set's dataset.json; left None, the embedded inspection set described by
+    `synthetic` (num_samples, seed, image_size, cache_dir) is used, and `prepare_data` writes it
+    on first use. A given index is never generated over.
     """
 
     def __init__(
         self,
-        index: str,
+        index: str | None,
         batch_size: int = 64,
         num_workers: int = 4,
         image_size: int = 224,
@@ -69,20 +71,30 @@ class ShardDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
     ):
         super().__init__()
-        self.index_url = str(index)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
         self.train_split, self.val_split = train_split, val_split
         self.train_transform = TrainTransform(image_size, tuple(train_scale), tuple(train_ratio), hflip)
         self.eval_transform = EvalTransform(image_size, crop_pct)
-        self.synthetic = dict(synthetic) if synthetic else None
+        self.synthetic = dict(synthetic) if index is None and synthetic else None
+        self._index_url = None if index is None else str(index)
         self._resume = {"epoch": -1, "batches": 0}
 
     def prepare_data(self) -> None:
         if self.synthetic:
-            from data.write import ensure_synthetic
+            s = self.synthetic
+            ensure_synthetic(self.index_url, s["num_samples"], s["seed"], s["image_size"])
 
-            ensure_synthetic(self.index_url, **self.synthetic)
+    @property
+    def index_url(self) -> str:
+        if self._index_url:
+            return self._index_url
+        if not self.synthetic:  # raised here, not in __init__, so Hydra does not wrap it
+            raise UserError(
+                "data.index is not set: give your data set (data.index=./shards/dataset.json), or "
+                "use the embedded one (data=synthetic)"
+            )
+        return synthetic_index(**self.synthetic)
 
     @cached_property
     def index(self) -> DatasetIndex:

@@ -255,6 +255,12 @@ def write_dataset(
     return WriteReport(index, total, skipped, examples, time.perf_counter() - start)
 
 
+def synthetic_index(num_samples: int, seed: int, image_size: int, cache_dir: str) -> str:
+    """Where the embedded set with these parameters lives under `cache_dir`."""
+    name = f"inspection-n{num_samples}-s{seed}-{image_size}px"
+    return os.path.join(os.path.expanduser(cache_dir), name, INDEX_NAME)
+
+
 def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int) -> str:
     """Write the embedded inspection set to `index`'s directory unless it is already there.
 

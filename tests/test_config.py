@@ -107,3 +107,19 @@ def test_startup_does_not_import_optional_backends():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_data_index_alone_trains_on_the_users_shards(compose, tmp_path, tiny_index):
+    # `python -m train data.index=...` keeps the default data group but must never generate.
+    cfg = compose(f"data.index={tiny_index}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/c")
+    datamodule, _ = build(cfg)
+    assert datamodule.synthetic is None and datamodule.index.location == tiny_index
+    missing = compose(f"data.index={tmp_path}/typo/dataset.json", f"paths.output_dir={tmp_path}")
+    with pytest.raises(UserError, match="no dataset index at"):
+        build(missing)
+    assert not (tmp_path / "typo").exists()  # nothing was written at the user's path
+
+
+def test_shards_without_an_index_says_what_to_set(compose, tmp_path):
+    with pytest.raises(UserError, match=r"data.index is not set: give your data set"):
+        build(compose("data=shards", f"paths.output_dir={tmp_path}"))
