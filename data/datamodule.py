@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -10,6 +11,7 @@ from functools import cached_property
 import lightning.pytorch as L
 from torch.utils.data import DataLoader
 
+from data.audit import Audit
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
 from data.plan import EpochPlan
@@ -69,6 +71,8 @@ class ShardDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         synthetic: dict | None = None,
+        audit: bool = False,
+        audit_dir: str = "audit",
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -79,6 +83,8 @@ class ShardDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if index is None and synthetic else None
         self._index_url = None if index is None else str(index)
         self._resume = {"epoch": -1, "batches": 0}
+        self.audit_dir = os.path.abspath(audit_dir) if audit else None
+        self._audit: Audit | None = None
 
     def prepare_data(self) -> None:
         if self.synthetic:
@@ -163,16 +169,32 @@ class ShardDataModule(L.LightningDataModule):
             )
         return saved["batches"]
 
+    @property
+    def audit(self) -> Audit | None:
+        if self.audit_dir and self._audit is None:
+            self._audit = Audit(self.audit_dir, self.trainer.global_rank if self.trainer else 0)
+        return self._audit
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning calls this for every batch just before its step, in the main process.
+        if self.audit and self.trainer and self.trainer.training:
+            self.audit.record(self.trainer.current_epoch, batch[2])
+        return batch
+
     def state_dict(self) -> dict:
         """The data position, saved in every checkpoint: batches this rank consumed this epoch."""
         trainer = self.trainer
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if self.audit:  # every rank writes its own mark; the checkpoint holds rank 0's state
+            self.audit.mark(trainer.global_step, trainer.current_epoch)
         return {
             "epoch": trainer.current_epoch,
             "batches": done,
             "samples": done * self.batch_size * trainer.world_size,  # global position
+            "global_step": trainer.global_step,
+            "audit_dir": self.audit_dir,
             **self._plan_inputs(),
         }
 
@@ -191,3 +213,5 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._resume = dict(state)
+            if self.audit and state.get("audit_dir"):
+                self.audit.restore(state["audit_dir"], state["global_step"])

@@ -162,6 +162,7 @@ def test_two_process_ddp_on_cpu_counts_every_val_sample_once(tmp_path, tiny_inde
             "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false",
             "logger=csv",
+            "data.audit=true",
         ],
         capture_output=True,
         text=True,
@@ -176,3 +177,6 @@ def test_two_process_ddp_on_cpu_counts_every_val_sample_once(tmp_path, tiny_inde
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 180 // (2 * 16)  # each rank: the same 5 full batches
     assert ckpt["ShardDataModule"]["world_size"] == 2
+    ranks = [p.read_text().split() for p in sorted(last.parent.parent.glob("audit/epoch000-rank*.txt"))]
+    assert [len(r) for r in ranks] == [80, 80]  # each rank its own samples, disjoint
+    assert not set(ranks[0]) & set(ranks[1])

@@ -75,6 +75,27 @@ class Lineage(L.Callback):
         }
 
 
+class MidEpochCheckpoint(L.Callback):
+    """Writes `last.ckpt` every `every_n_steps` optimizer steps, with the data position, so
+    `resume=auto` continues at the exact batch. Written beside and renamed over, so a process
+    killed while saving leaves the previous `last.ckpt` intact."""
+
+    def __init__(self, dirpath: str, every_n_steps: int | None = None):
+        self.dirpath, self.every_n_steps = dirpath, every_n_steps
+        self._saved = -1  # with gradient accumulation several batches end on one step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step in (0, self._saved) or step % self.every_n_steps:
+            return
+        self._saved = step
+        final = os.path.join(self.dirpath, "last.ckpt")
+        trainer.save_checkpoint(final + ".partial")
+        if trainer.is_global_zero:
+            os.replace(final + ".partial", final)
+        trainer.strategy.barrier("mid_epoch_checkpoint")
+
+
 def load_checkpoint(path: str) -> dict:
     """A checkpoint loaded safely: tensors and plain data only, never pickled code."""
     if not os.path.isfile(path):
