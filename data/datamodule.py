@@ -213,5 +213,16 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._resume = dict(state)
-            if self.audit and state.get("audit_dir"):
-                self.audit.restore(state["audit_dir"], state["global_step"])
+            if self.audit:
+                self._restore_audit(state)
+
+    def _restore_audit(self, state: dict) -> None:
+        if not state.get("audit_dir"):
+            raise UserError(
+                "data.audit=true, but the run being resumed kept no audit, so it could not list "
+                "the samples already trained: resume without data.audit, or start fresh"
+            )
+        try:
+            self.audit.restore(state["audit_dir"], state["global_step"])
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot continue the audit of {state['audit_dir']}: {e}") from None

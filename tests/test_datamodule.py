@@ -122,3 +122,9 @@ def test_missing_shard_is_an_error_naming_it(tmp_path):
     plan = EpochPlan((3,), batch_size=3, shuffle=False, drop_last=False)
     with pytest.raises(UserError, match=r"shard .*gone.tar is listed in the index but missing"):
         list(read_planned(plan.worker_samples(0), [str(tmp_path / "gone.tar")], BadSamples()))
+
+
+def test_turning_the_audit_on_at_a_resume_is_refused(tiny_index, tmp_path):
+    dm = ShardDataModule(tiny_index, batch_size=10, num_workers=0, audit=True, audit_dir=str(tmp_path / "a"))
+    with pytest.raises(UserError, match="the run being resumed kept no audit"):
+        dm.load_state_dict({"epoch": 0, "batches": 3, "global_step": 3, "audit_dir": None})
