@@ -17,17 +17,20 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from data.decode import open_image
 from data.errors import UserError
-from data.index import INDEX_NAME, DatasetIndex, Shard, Split, load_index, save_index
+from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, load_index, save_index
 from data.sources import Item, Payload
 
 log = logging.getLogger(__name__)
@@ -170,18 +173,18 @@ def _checked(items, payloads, classes, key_of, skipped: Counter, examples: list[
         yield key_of[id(item)], payload, classes.index(item.label), {**item.meta, **payload.meta}
 
 
-def _remove_index(out_dir: str) -> set[str]:
+def _remove_index(fs, root: str, out_dir: str) -> set[str]:
     """Drop an existing index first: from here until the new one lands the directory holds no
     data set, rather than an index that points at shards being replaced."""
-    url = os.path.join(out_dir, INDEX_NAME)
-    if not os.path.exists(url):
+    path = f"{root}/{INDEX_NAME}"
+    if not fs.exists(path):
         return set()
     try:
-        old = load_index(url)
+        old = load_index(out_dir)
     except UserError:  # unreadable: nothing to learn about stale shards from it
-        os.remove(url)
+        fs.rm(path)
         return set()
-    os.remove(url)
+    fs.rm(path)
     return {s.url for split in old.splits.values() for s in split.shards if "/" not in s.url}
 
 
@@ -203,27 +206,25 @@ def write_dataset(
     is written, so an interrupted write leaves either the old data set or none, never a mix.
     """
     start = time.perf_counter()
-    if "://" in out_dir:
-        raise UserError(
-            f"{out_dir}: shards are written to a local directory for now; upload it as a whole "
-            "afterwards (e.g. aws s3 sync ./shards s3://bucket/ds), shard URLs are relative"
-        )
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    local = isinstance(fs, LocalFileSystem)
     labels = sorted({i.label for i in items})
     if not items:
         raise UserError("the source has no images (expected image files, one subfolder per class)")
     if len(labels) < 2:
         raise UserError(f"the source has a single class {labels}: a classifier needs at least two")
-    if os.path.exists(os.path.join(out_dir, INDEX_NAME)) and not overwrite:
+    if fs.exists(f"{root}/{INDEX_NAME}") and not overwrite:
         raise UserError(f"{out_dir} already holds a data set (pass --overwrite to replace it)")
     classes = tuple(labels)
     splits = assign_splits(items, val_fraction, seed)
     # Keys number the items in listing order: stable, unique across splits, free of dots.
     key_of = {id(item): f"{n:08d}" for n, item in enumerate(items)}
 
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".writing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # Shards are written locally first: inside out_dir on a local disk (so publishing them is a
+    # rename), in a temporary directory for object storage (then uploaded one by one).
+    if local:
+        os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".writing-", dir=root if local else None)
     skipped: Counter = Counter()
     examples: list[str] = []
     written: dict[str, Split] = {}
@@ -237,18 +238,21 @@ def write_dataset(
             written[name] = Split(tuple(write_shards(samples, tmp, name, shard_samples, mb)))
         if not any(s.shards for s in written.values()):  # before anything old is touched
             raise UserError(f"no readable images among {len(items)} files ({examples[:3]})")
-        old = _remove_index(out_dir)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        old = _remove_index(fs, root, out_dir)
+        for name in sorted(os.listdir(tmp)):
+            if local:
+                os.replace(os.path.join(tmp, name), os.path.join(root, name))
+            else:
+                fs.put_file(os.path.join(tmp, name), f"{root}/{name}")
         new = {s.url for split in written.values() for s in split.shards}
         for stale in old - new:  # shards of a replaced data set that the new one lacks
-            os.remove(os.path.join(out_dir, stale))
+            fs.rm(f"{root}/{stale}")
     finally:
         if pool:
             pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
     index = DatasetIndex(classes, written, extra={"created_by": extra or {}})
-    url = os.path.join(out_dir, INDEX_NAME)
+    url = join_url(out_dir.rstrip("/"), INDEX_NAME) if not local else os.path.join(root, INDEX_NAME)
     sha = save_index(index, url)
     index = DatasetIndex(classes, written, url, sha, index.extra)
     total = sum(s.num_samples for s in written.values())
