@@ -1,5 +1,6 @@
 """`python -m data write ...` turns images into shards plus a dataset.json index;
-`python -m data verify ...` checks shards against their index."""
+`python -m data verify ...` checks shards against their index; `python -m data inspect ...`
+shows a class histogram and writes a grid of samples per class."""
 
 from __future__ import annotations
 
@@ -67,6 +68,25 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from data.index import load_index
+    from data.inspect import histogram, sample_grid
+
+    index = load_index(args.index)
+    counts = histogram(index)
+    splits = list(counts)
+    names = list(index.classes) + sorted({k for c in counts.values() for k in c} - set(index.classes))
+    width = max(8, *(len(n) for n in names))
+    print(f"{'class':<{width}}" + "".join(f"{s:>10}" for s in splits))
+    for name in names:
+        print(f"{name:<{width}}" + "".join(f"{counts[s][name]:>10}" for s in splits))
+    print(f"{'total':<{width}}" + "".join(f"{sum(counts[s].values()):>10}" for s in splits))
+    split = args.split or ("val" if "val" in index.splits else splits[0])
+    sample_grid(index, split, args.per_class).save(args.out)
+    print(f"wrote {args.out}: {args.per_class} {split} samples per class")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     v.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     v.set_defaults(run=_verify)
+
+    i = sub.add_parser("inspect", help="class histogram and a PNG grid of samples per class")
+    i.add_argument("index", help="dataset.json or its directory (path or fsspec URL)")
+    i.add_argument("--out", default="samples.png", help="grid image to write (default samples.png)")
+    i.add_argument("--split", default=None, help="split for the grid (default: val, else the first)")
+    i.add_argument("--per-class", type=int, default=8, help="images per class row (default 8)")
+    i.set_defaults(run=_inspect)
 
     args = parser.parse_args(argv)
     if getattr(args, "val_fraction", 0.0) and not 0.0 <= args.val_fraction < 1.0:
