@@ -1,6 +1,7 @@
 """`python -m data write ...` turns images into shards plus a dataset.json index;
-`python -m data verify ...` checks shards against their index; `python -m data inspect ...`
-shows a class histogram and writes a grid of samples per class."""
+`python -m data index DIR` indexes shards other tools wrote; `python -m data verify ...` checks
+shards against their index; `python -m data inspect ...` shows a class histogram and writes a
+grid of samples per class."""
 
 from __future__ import annotations
 
@@ -68,6 +69,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from data.scan import build_index
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    index = build_index(args.dir, classes, args.overwrite)
+    parts = ", ".join(f"{name} {s.num_samples} in {len(s.shards)} shards" for name, s in index.splits.items())
+    print(f"wrote {index.location}: {parts}; {len(index.classes)} classes")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from data.index import load_index
     from data.inspect import histogram, sample_grid
@@ -109,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--image-size", type=int, default=96, help="synthetic images, pixels")
     w.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     w.set_defaults(run=_write)
+
+    x = sub.add_parser("index", help="write dataset.json for shards made by other tools")
+    x.add_argument("dir", help="directory (path or fsspec URL) holding the .tar shards")
+    x.add_argument("--classes", help="class names in label order, comma-separated (default: 0..K-1)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing dataset.json")
+    x.set_defaults(run=_index)
 
     v = sub.add_parser("verify", help="check every shard against dataset.json")
     v.add_argument("index", help="dataset.json or its directory (path or fsspec URL)")

@@ -1,0 +1,73 @@
+"""`python -m data index`: shards written by webdataset's own ShardWriter become trainable."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data.datamodule import ShardDataModule
+from data.errors import UserError
+from data.scan import build_index, split_of
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+        buf, "JPEG"
+    )
+    return buf.getvalue()
+
+
+@pytest.fixture
+def foreign(tmp_path):
+    """Shards as webdataset's ShardWriter writes them (no index), train and val by file name."""
+    for split, n in (("train", 30), ("val", 10)):
+        with wds.ShardWriter(str(tmp_path / f"{split}-%06d.tar"), maxcount=12) as sink:
+            for i in range(n):
+                sink.write({"__key__": f"{split}{i:04d}", "jpg": jpeg(i), "cls": i % 3})
+    return tmp_path
+
+
+def test_index_for_shardwriter_output_then_train_loader_reads_it(foreign):
+    index = build_index(str(foreign), classes=["good", "dent", "rust"])
+    assert index.classes == ("good", "dent", "rust")
+    assert index.split("train").num_samples == 30 and len(index.split("train").shards) == 3
+    assert index.split("val").num_samples == 10
+    dm = ShardDataModule(index.location, batch_size=5, num_workers=0, image_size=32)
+    keys = [k for _, _, ks in dm.val_dataloader() for k in ks]
+    assert sorted(keys) == [f"val{i:04d}" for i in range(10)]
+
+
+def test_cli_defaults_class_names_and_refuses_to_overwrite(foreign):
+    run = [sys.executable, "-m", "data", "index", str(foreign)]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "train 30 in 3 shards, val 10 in 1 shards; 3 classes" in first.stdout
+    again = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_too_few_class_names_is_refused(foreign):
+    with pytest.raises(UserError, match="--classes names 2 classes, but the shards use labels up to 2"):
+        build_index(str(foreign), classes=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("name", "split"),
+    [
+        ("train-000001.tar", "train"),
+        ("val_0003.tar", "val"),
+        ("validation.tar", "val"),
+        ("test-1.tar", "test"),
+        ("shard-000.tar", "train"),
+        ("00001.tar", "train"),
+    ],
+)
+def test_split_from_file_name(name, split):
+    assert split_of(name) == split
