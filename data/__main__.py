@@ -81,7 +81,7 @@ def _index(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from data.index import load_index
-    from data.inspect import histogram, sample_grid
+    from data.overview import histogram, sample_grid
 
     index = load_index(args.index)
     counts = histogram(index)

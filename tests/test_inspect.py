@@ -8,7 +8,7 @@ import sys
 from PIL import Image
 
 from data.index import load_index
-from data.inspect import THUMB, histogram
+from data.overview import THUMB, histogram
 
 
 def test_histogram_counts_what_the_shards_hold(tiny_index):
