@@ -73,6 +73,7 @@ class ShardDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         audit: bool = False,
         audit_dir: str = "audit",
+        max_bad_fraction: float = 0.01,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -84,6 +85,7 @@ class ShardDataModule(L.LightningDataModule):
         self._index_url = None if index is None else str(index)
         self._resume = {"epoch": -1, "batches": 0}
         self.audit_dir = os.path.abspath(audit_dir) if audit else None
+        self.max_bad_fraction = max_bad_fraction  # enforced by data.quality.BadDataMonitor
         self._audit: Audit | None = None
 
     def prepare_data(self) -> None:

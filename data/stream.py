@@ -3,7 +3,7 @@
     plan.worker_samples()        (shard, sample) in the order this worker yields them
       └─ read_planned           {"__key__", "__url__", "jpg", "cls", ...} raw bytes from the tars
          └─ decode_samples      (uint8 (3, S, S) image, class index); bad samples skipped, counted
-            └─ batched          (uint8 (B, 3, S, S), int64 (B,), B keys)
+            └─ batched          (uint8 (B, 3, S, S), int64 (B,), B keys, bad counts since last)
 
 Tars are opened through fsspec, so local paths and s3:// / gs:// / https:// read alike, and parsed
 with webdataset's tar iterator: nothing in a shard is unpickled or executed.
@@ -28,17 +28,28 @@ log = logging.getLogger(__name__)
 
 
 class BadSamples:
-    """Counts skipped samples per reason and names the first few, with shard and key."""
+    """Counts skipped samples per reason and per shard, and names the first few with shard and
+    key. `take()` hands over what was counted since the last call, to ride on the next batch."""
 
     def __init__(self, show: int = 5):
         self.counts: Counter = Counter()
         self.show = show
+        self._reasons: Counter = Counter()
+        self._shards: Counter = Counter()
 
     def __call__(self, reason: str, url: str, key: str, error: Exception | None = None) -> None:
         self.counts[reason] += 1
+        self._reasons[reason] += 1
+        self._shards[url] += 1
         if sum(self.counts.values()) <= self.show:
             detail = f": {error}" if error else ""
             log.warning("skipped sample %s in %s (%s%s)", key, url, reason, detail)
+
+    def take(self) -> dict:
+        out = {"reasons": dict(self._reasons), "shards": dict(self._shards)}
+        self._reasons.clear()
+        self._shards.clear()
+        return out
 
 
 def _tar_samples(url: str) -> Generator[tuple[int, dict]]:
@@ -103,18 +114,26 @@ def decode_samples(
             bad("undecodable image", url, key, e)
 
 
-def batched(samples: Iterable[tuple[torch.Tensor, int, str]], size: int) -> Iterator[tuple]:
-    """Keys travel with the batch so the trainer knows exactly which samples it consumed."""
+def batched(samples: Iterable[tuple[torch.Tensor, int, str]], size: int, bad: BadSamples) -> Iterator[tuple]:
+    """(images, labels, keys, skipped): keys travel with the batch so the trainer knows exactly
+    which samples it consumed, and `skipped` counts the bad samples met since the previous
+    batch. Each batch is held back until the next is ready, so the last one also carries the
+    count of any bad samples after it."""
     images, labels, keys = [], [], []
+    ready = None
     for image, label, key in samples:
         images.append(image)
         labels.append(label)
         keys.append(key)
         if len(images) == size:
-            yield torch.stack(images), torch.tensor(labels), keys
+            if ready:
+                yield (*ready, bad.take())
+            ready = (torch.stack(images), torch.tensor(labels), keys)
             images, labels, keys = [], [], []
+    if ready:
+        yield (*ready, bad.take())
     if images:
-        yield torch.stack(images), torch.tensor(labels), keys
+        yield torch.stack(images), torch.tensor(labels), keys, bad.take()
 
 
 class ShardStream(IterableDataset):
@@ -132,7 +151,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], dict]]:
         info = get_worker_info()
         # The DataLoader always asks its worker 0 first; after `consumed` batches the plan's
         # round-robin is at worker consumed % W, so loader worker i plays plan worker i + that.
@@ -143,4 +162,5 @@ class ShardStream(IterableDataset):
         yield from batched(
             decode_samples(read_planned(samples, self.urls, bad), self.transform, self.num_classes, bad),
             self.plan.batch_size,
+            bad,
         )

@@ -25,7 +25,7 @@ def all_keys(index_url: str, split: str) -> list[str]:
 
 def collect(loader):
     batches = list(loader)
-    keys = [k for _, _, ks in batches for k in ks]
+    keys = [k for batch in batches for k in batch[2]]
     return batches, keys
 
 
@@ -34,7 +34,7 @@ def test_train_batches_are_uint8_full_and_each_sample_once(tiny_index):
     loader = dm.train_dataloader()
     batches, keys = collect(loader)
     assert len(batches) == len(loader) == 180 // 16
-    for images, labels, _ in batches:
+    for images, labels, _, _ in batches:
         assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
         assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < 5
     assert len(keys) == len(set(keys)) == 176
@@ -56,7 +56,7 @@ def test_labels_travel_with_their_images(tiny_index):
     for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         truth[s["__key__"]] = int(s["cls"])
     dm = ShardDataModule(tiny_index, batch_size=7, num_workers=0, image_size=32)
-    for _, labels, keys in dm.val_dataloader():
+    for _, labels, keys, _ in dm.val_dataloader():
         assert labels.tolist() == [truth[k] for k in keys]
 
 

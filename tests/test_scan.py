@@ -40,7 +40,7 @@ def test_index_for_shardwriter_output_then_train_loader_reads_it(foreign):
     assert index.split("train").num_samples == 30 and len(index.split("train").shards) == 3
     assert index.split("val").num_samples == 10
     dm = ShardDataModule(index.location, batch_size=5, num_workers=0, image_size=32)
-    keys = [k for _, _, ks in dm.val_dataloader() for k in ks]
+    keys = [k for batch in dm.val_dataloader() for k in batch[2]]
     assert sorted(keys) == [f"val{i:04d}" for i in range(10)]
 
 

@@ -68,7 +68,7 @@ class ImageClassifier(L.LightningModule):
         return self.net(images)
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        images, labels, _keys = batch  # uint8 (B, 3, H, W), int64 (B,), B sample keys
+        images, labels = batch[0], batch[1]  # uint8 (B, 3, H, W), int64 (B,); then keys, bad counts
         logits = self(images)
         loss = self.loss(logits, labels)
         self.train_acc(logits, labels)
@@ -77,7 +77,7 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        images, labels, _keys = batch
+        images, labels = batch[0], batch[1]
         logits = self(images)
         self.log("val/loss", self.loss(logits, labels), batch_size=len(labels), sync_dist=True)
         self.val_metrics.update(logits, labels)

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data.datamodule import ShardDataModule
+from data.quality import BadDataMonitor
 from train import faults
 from train.checkpoint import KEY, Lineage, check_resumable, find_resume, lineage, load_checkpoint
 from train.classifier import Classifier, build_backbone, spec_for
@@ -53,6 +54,7 @@ def train(cfg: DictConfig) -> dict:
     index = datamodule.index
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256)))
+    callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
