@@ -58,7 +58,7 @@ def _tar_samples(url: str) -> Generator[tuple[int, dict]]:
         yield from enumerate(shard_samples.tar_samples(f, url))
 
 
-def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples) -> Iterator[dict]:
+def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples) -> Iterator[dict | None]:
     """Yield the planned samples in plan order, reading every shard front to back once.
 
     Samples a shard holds before the one asked for are kept only if the plan wants them later
@@ -95,45 +95,74 @@ def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples
             yield stash.pop((shard, i))
         else:
             bad(ended[shard], urls[shard], f"#{i}")
+            yield None  # the plan position stays taken: batches follow plan positions
 
 
 def decode_samples(
-    samples: Iterable[dict], transform: Callable[[bytes], torch.Tensor], num_classes: int, bad: BadSamples
-) -> Iterator[tuple[torch.Tensor, int, str]]:
+    samples: Iterable[dict | None],
+    transform: Callable[[bytes], torch.Tensor],
+    num_classes: int,
+    bad: BadSamples,
+) -> Iterator[tuple[torch.Tensor, int, str] | None]:
+    """(image, class index, key) per planned sample, or None where it cannot train."""
     for sample in samples:
+        if sample is None:  # lost upstream, already counted
+            yield None
+            continue
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         try:
-            image = shard_samples.image_bytes(sample)
+            image = transform(shard_samples.image_bytes(sample))
             target = shard_samples.label(sample, num_classes)
         except BadSample as e:
             bad(str(e), url, key)
-            continue
-        try:
-            yield transform(image), target, key
+            image = None
         except Exception as e:  # PIL raises many types for corrupt data
             bad("undecodable image", url, key, e)
+            image = None
+        yield None if image is None else (image, target, key)
 
 
-def batched(samples: Iterable[tuple[torch.Tensor, int, str]], size: int, bad: BadSamples) -> Iterator[tuple]:
-    """(images, labels, keys, skipped): keys travel with the batch so the trainer knows exactly
-    which samples it consumed, and `skipped` counts the bad samples met since the previous
-    batch. Each batch is held back until the next is ready, so the last one also carries the
-    count of any bad samples after it."""
-    images, labels, keys = [], [], []
-    ready = None
-    for image, label, key in samples:
-        images.append(image)
-        labels.append(label)
-        keys.append(key)
-        if len(images) == size:
-            if ready:
-                yield (*ready, bad.take())
-            ready = (torch.stack(images), torch.tensor(labels), keys)
-            images, labels, keys = [], [], []
-    if ready:
-        yield (*ready, bad.take())
-    if images:
-        yield torch.stack(images), torch.tensor(labels), keys, bad.take()
+def batched(samples: Iterable[tuple | None], size: int, bad: BadSamples) -> Iterator[tuple]:
+    """One batch per planned group of `size` plan positions, so every worker (and so every
+    rank) yields exactly the planned number of batches whatever was skipped; a DDP rank with a
+    batch fewer would hang the others.
+
+    A batch holds its group's good samples: bad ones (None) leave it short. A group with no
+    good sample at all is owed, and the next group's samples are split to pay it; if the
+    worker's samples run out first, the epoch cannot be planned evenly and this says so.
+    Yields (images uint8 (b, 3, S, S), labels (b,), b keys, bad counts since the last batch).
+    """
+    pending: list[tuple] = []
+    owed = positions = 0
+    for item in samples:
+        positions += 1
+        if item is not None:
+            pending.append(item)
+        if positions % size == 0:
+            owed += 1
+            if len(pending) >= owed:
+                yield from _split(pending, owed, bad)
+                pending, owed = [], 0
+    if positions % size:  # the last, partial group (evaluation only)
+        owed += 1
+    if owed and len(pending) >= owed:
+        yield from _split(pending, owed, bad)
+    elif owed:
+        raise UserError(
+            f"{owed} planned batch(es) of this loader worker lost every sample to bad data "
+            f"({dict(bad.counts)}); check the shards with python -m data verify"
+        )
+
+
+def _split(items: list[tuple], parts: int, bad: BadSamples) -> Iterator[tuple]:
+    """`items` as `parts` batches of near-equal size, in order."""
+    base, extra = divmod(len(items), parts)
+    start = 0
+    for p in range(parts):
+        chunk = items[start : start + base + (p < extra)]
+        start += len(chunk)
+        images, labels, keys = zip(*chunk)
+        yield torch.stack(images), torch.tensor(labels), list(keys), bad.take()
 
 
 class ShardStream(IterableDataset):

@@ -51,6 +51,7 @@ def test_bad_samples_are_skipped_and_logged_per_epoch(make_cfg, damaged, tmp_pat
         )
     )
     assert "val/acc" in result["metrics"]
+    assert result["global_step"] == 2 * 12  # the planned batch count, bad samples or not
     (metrics,) = (tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("data/bad_samples")]
     assert [float(r["data/bad_samples"]) for r in rows] == [8.0, 8.0]  # per epoch, not cumulative

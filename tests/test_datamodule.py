@@ -13,7 +13,7 @@ from data.datamodule import ShardDataModule
 from data.errors import UserError
 from data.index import load_index
 from data.plan import EpochPlan
-from data.stream import BadSamples, decode_samples, read_planned
+from data.stream import BadSamples, batched, decode_samples, read_planned
 from data.transforms import EvalTransform
 
 
@@ -101,7 +101,8 @@ def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path, tiny_i
     out = list(
         decode_samples(read_planned(plan.worker_samples(0), [str(bad_shard)], bad), EvalTransform(32), 5, bad)
     )
-    assert len(out) == 47
+    assert len(out) == 50  # one entry per plan position; None where a sample cannot train
+    assert sum(x is not None for x in out) == 47
     assert bad.counts == {"undecodable image": 1, "missing or non-integer label": 1, "label out of range": 1}
 
 
@@ -113,7 +114,7 @@ def test_truncated_shard_loses_only_its_tail(tmp_path, tiny_index):
     cut.write_bytes(raw[: len(raw) // 2])
     bad = BadSamples()
     plan = EpochPlan((50,), batch_size=50, shuffle=False, drop_last=False)
-    got = list(read_planned(plan.worker_samples(0), [str(cut)], bad))
+    got = [s for s in read_planned(plan.worker_samples(0), [str(cut)], bad) if s is not None]
     assert 10 < len(got) < 50
     assert sum(bad.counts.values()) == 50 - len(got)  # every lost sample is counted
 
@@ -128,3 +129,29 @@ def test_turning_the_audit_on_at_a_resume_is_refused(tiny_index, tmp_path):
     dm = ShardDataModule(tiny_index, batch_size=10, num_workers=0, audit=True, audit_dir=str(tmp_path / "a"))
     with pytest.raises(UserError, match="the run being resumed kept no audit"):
         dm.load_state_dict({"epoch": 0, "batches": 3, "global_step": 3, "audit_dir": None})
+
+
+def good(n: int):
+    return (torch.zeros(3, 2, 2, dtype=torch.uint8), 0, f"k{n}")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sizes"),
+    [
+        ("gggg gggg gggg", [4, 4, 4]),
+        ("gbgg gggg bbgg", [3, 4, 2]),  # bad samples leave their batch short
+        ("bbbb gggg gggg", [2, 2, 4]),  # an all-bad group is paid by splitting the next
+        ("gggg bbbb bbbb ggg", [4, 1, 1, 1]),  # two owed plus a partial last group (eval)
+    ],
+)
+def test_batches_follow_plan_groups_so_counts_never_change(pattern, sizes):
+    items = [good(i) if c == "g" else None for i, c in enumerate(pattern.replace(" ", ""))]
+    batches = list(batched(items, 4, BadSamples()))
+    assert [len(b[2]) for b in batches] == sizes
+    keys = [k for b in batches for k in b[2]]
+    assert keys == [f"k{i}" for i, c in enumerate(pattern.replace(" ", "")) if c == "g"]  # order kept
+
+
+def test_a_worker_that_cannot_fill_its_planned_batches_says_so():
+    with pytest.raises(UserError, match=r"3 planned batch\(es\) of this loader worker lost every sample"):
+        list(batched([good(0), None, None, None, None, None, None, None], 2, BadSamples()))
