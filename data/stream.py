@@ -2,8 +2,10 @@
 
     plan.worker_samples()        (shard, sample) in the order this worker yields them
       └─ read_planned           {"__key__", "__url__", "jpg", "cls", ...} raw bytes from the tars
-         └─ decode_samples      (uint8 (3, S, S) image, class index); bad samples skipped, counted
-            └─ batched          (uint8 (B, 3, S, S), int64 (B,), B keys, bad counts since last)
+         └─ decode_samples      (uint8 (3, S, S) image, class index, key), or None where a
+            │                   sample cannot train (counted per reason and shard)
+            └─ batched          one batch per planned group: (uint8 (b, 3, S, S), int64 (b,),
+                                b keys, bad counts since the last batch), b <= B
 
 Tars are opened through fsspec, so local paths and s3:// / gs:// / https:// read alike, and parsed
 with webdataset's tar iterator: nothing in a shard is unpickled or executed.
