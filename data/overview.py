@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-import fsspec
 from PIL import Image, ImageDraw
 
 from data.decode import decode_rgb, open_image
 from data.index import DatasetIndex
-from data.samples import BadSample, image_bytes, label, tar_samples
+from data.samples import BadSample, image_bytes, label, read_shard
 
 THUMB = 96  # grid cell side, pixels
 LABEL_WIDTH = 110  # left margin for the class names, pixels
@@ -27,12 +26,11 @@ def histogram(index: DatasetIndex) -> dict[str, Counter]:
         counts[name] = Counter()
         for shard in split.shards:
             url = index.shard_url(shard)
-            with fsspec.open(url, "rb") as f:
-                for sample in tar_samples(f, url):
-                    try:
-                        counts[name][index.classes[label(sample, len(index.classes))]] += 1
-                    except BadSample as e:
-                        counts[name][f"<{e}>"] += 1
+            for sample in read_shard(url):
+                try:
+                    counts[name][index.classes[label(sample, len(index.classes))]] += 1
+                except BadSample as e:
+                    counts[name][f"<{e}>"] += 1
     return counts
 
 
@@ -41,16 +39,15 @@ def sample_grid(index: DatasetIndex, split: str, per_class: int = 8) -> Image.Im
     rows: dict[int, list[Image.Image]] = {c: [] for c in range(len(index.classes))}
     for shard in index.split(split).shards:
         url = index.shard_url(shard)
-        with fsspec.open(url, "rb") as f:
-            for sample in tar_samples(f, url):
-                try:
-                    c = label(sample, len(index.classes))
-                    if len(rows[c]) < per_class:
-                        im = open_image(image_bytes(sample))
-                        im = decode_rgb(im, min(im.size) / THUMB)
-                        rows[c].append(im.resize((THUMB, THUMB), Image.BILINEAR))
-                except (BadSample, OSError, ValueError):
-                    continue  # the grid shows what decodes; `data verify` reports the rest
+        for sample in read_shard(url):
+            try:
+                c = label(sample, len(index.classes))
+                if len(rows[c]) < per_class:
+                    im = open_image(image_bytes(sample))
+                    im = decode_rgb(im, min(im.size) / THUMB)
+                    rows[c].append(im.resize((THUMB, THUMB), Image.BILINEAR))
+            except (BadSample, OSError, ValueError):
+                continue  # the grid shows what decodes; `data verify` reports the rest
         if all(len(r) == per_class for r in rows.values()):
             break
     grid = Image.new("RGB", (LABEL_WIDTH + per_class * THUMB, len(rows) * THUMB), "white")

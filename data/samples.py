@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import fsspec
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -19,6 +20,12 @@ def tar_samples(fileobj: BinaryIO, url: str) -> Iterator[dict]:
     webdataset does, and nothing is decoded, unpickled or executed."""
     files = ({**file, "__url__": url} for file in tar_file_iterator(fileobj))
     return group_by_keys(files)
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """The samples of the shard at `url` (a path or any fsspec URL), streamed in file order."""
+    with fsspec.open(url, "rb") as f:
+        yield from tar_samples(f, url)
 
 
 def image_bytes(sample: dict) -> bytes:

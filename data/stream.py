@@ -17,7 +17,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 
-import fsspec
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -56,8 +55,7 @@ class BadSamples:
 
 def _tar_samples(url: str) -> Generator[tuple[int, dict]]:
     """(sample number in the shard, sample) in file order."""
-    with fsspec.open(url, "rb") as f:
-        yield from enumerate(shard_samples.tar_samples(f, url))
+    yield from enumerate(shard_samples.read_shard(url))
 
 
 def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples) -> Iterator[dict | None]:

@@ -15,7 +15,7 @@ from multiprocessing import get_context
 
 import fsspec
 
-from data.decode import open_image
+from data.decode import decode_fully
 from data.index import DatasetIndex, Shard
 from data.samples import BadSample, image_bytes, label, tar_samples
 
@@ -66,9 +66,7 @@ def _check_sample(sample: dict, num_classes: int, decode: bool) -> str | None:
         return str(e)
     if decode:
         try:
-            with open_image(image) as im:
-                im.draft("RGB", (64, 64))  # a full entropy decode at reduced scale: cheap, thorough
-                im.load()
+            decode_fully(image).close()
         except Exception:
             return "image does not decode"
     return None

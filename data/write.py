@@ -28,7 +28,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from data.decode import open_image
+from data.decode import decode_fully
 from data.errors import UserError
 from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, load_index, save_index
 from data.sources import Item, Payload
@@ -51,10 +51,8 @@ class WriteReport:
 def check_image(payload: Payload) -> Payload:
     """Decode fully (at reduced scale where the format allows): a file that fails here would fail
     every epoch of every run, so it is cheaper to drop it once now."""
-    with open_image(payload.data) as im:
+    with decode_fully(payload.data) as im:
         fmt = im.format
-        im.draft("RGB", (64, 64))  # JPEG: DCT-scaled decode, still reads every byte
-        im.load()
         if fmt in KEPT_FORMATS:
             return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta)
         buf = io.BytesIO()
