@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import cached_property
 
 import lightning.pytorch as L
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from data.audit import Audit
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
-from data.plan import EpochPlan
+from data.plan import EpochPlan, Part
 from data.stream import ShardStream
 from data.transforms import EvalTransform, TrainTransform
 from data.write import ensure_synthetic, synthetic_index
@@ -27,12 +27,25 @@ warnings.filterwarnings(
 
 
 class PlannedLoader(DataLoader):
-    """A DataLoader that points its stream at the current epoch and resume position at the start
-    of every pass; workers get a fresh copy of the stream (with the plan) on every pass."""
+    """A DataLoader that settles the epoch, the plan and the resume position at the start of
+    every pass; workers get a fresh copy of the stream (with the plan) on every pass.
 
-    def __init__(self, stream: ShardStream, epoch: Callable[[], int], start: Callable[[], int], **kw):
+    `settle(plan)` gives (the plan for this pass, batches Lightning counted before it, batches of
+    it already consumed); `length` says how many batches Lightning will count for the pass.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        settle: Callable[[EpochPlan], tuple[EpochPlan, int, int]],
+        length: Callable[[], int],
+        **kw,
+    ):
         super().__init__(stream, batch_size=None, **kw)
-        self._epoch, self._start = epoch, start
+        self._settle, self._length = settle, length
+
+    def __len__(self) -> int:
+        return self._length()
 
     def __iter__(self):
         return self._batches()
@@ -40,8 +53,7 @@ class PlannedLoader(DataLoader):
     def _batches(self):
         # Decided at the first batch, not at iter(): Lightning creates an epoch's iterator
         # before a restore has settled which epoch it is.
-        self.dataset.plan = replace(self.dataset.plan, epoch=self._epoch())
-        self.dataset.consumed = self._start()
+        self.dataset.plan, _, self.dataset.consumed = self._settle(self.dataset.plan)
         yield from super().__iter__()
 
 
@@ -83,7 +95,8 @@ class ShardDataModule(L.LightningDataModule):
         self.eval_transform = EvalTransform(image_size, crop_pct)
         self.synthetic = dict(synthetic) if index is None and synthetic else None
         self._index_url = None if index is None else str(index)
-        self._resume = {"epoch": -1, "batches": 0}
+        self._resume: dict | None = None  # a checkpoint's position, until its epoch starts
+        self._part: tuple[int, tuple[Part, ...], int] = (-1, (), 0)  # (epoch, parts before, offset)
         self.audit_dir = os.path.abspath(audit_dir) if audit else None
         self.max_bad_fraction = max_bad_fraction  # enforced by data.quality.BadDataMonitor
         self._audit: Audit | None = None
@@ -138,10 +151,14 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> PlannedLoader:
         urls, plan = self._plan(split, train)
         transform = self.train_transform if train else self.eval_transform
+        if train:
+            settle, length = self._settle, lambda: self._length(plan)
+        else:
+            settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
             ShardStream(urls, plan, transform, len(self.classes)),
-            epoch=lambda: self.trainer.current_epoch if train and self.trainer else 0,
-            start=(lambda: self._start_batches()) if train else (lambda: 0),
+            settle,
+            length,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers must see each epoch's plan
@@ -153,23 +170,60 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self) -> PlannedLoader:
         return self._loader(self.val_split, train=False)
 
-    def _start_batches(self) -> int:
-        """Batches of the current epoch already trained on (non-zero only right after a resume)."""
+    def _settle(self, plan: EpochPlan) -> tuple[EpochPlan, int, int]:
+        """The current epoch's plan, at the restored position on the first pass after a resume."""
         epoch = self.trainer.current_epoch if self.trainer else 0
-        saved, self._resume = self._resume, {"epoch": -1, "batches": 0}  # first iteration only
-        if saved["epoch"] != epoch or not saved["batches"]:
-            return 0
-        now = self._plan_inputs()
-        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
-        if changed:
-            # The position counts batches of the saved plan; another plan splits the epoch
-            # differently, so continuing would repeat or skip samples.
-            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise UserError(
-                f"cannot resume mid-epoch with changed {what}: resume with the original "
-                "settings, or from an end-of-epoch checkpoint"
-            )
-        return saved["batches"]
+        plan, offset, consumed = self._position(replace(plan, epoch=epoch, before=()), epoch)
+        self._resume = None  # the position holds for the first pass only
+        self._part = (epoch, plan.before, offset)
+        if plan.before and self.trainer:
+            # An elastic part counts other batches than a full epoch does, and Lightning fixes
+            # an epoch's length when it loads the loader: have it load again for the next epoch.
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+        return plan, offset, consumed
+
+    def _length(self, plan: EpochPlan) -> int:
+        """Batches Lightning counts in the coming pass: a resumed pass counts on from the offset."""
+        plan, offset, _ = self._position(plan)
+        return offset + len(plan)
+
+    def _position(self, plan: EpochPlan, epoch: int | None = None) -> tuple[EpochPlan, int, int]:
+        """(plan, offset, consumed) where a saved mid-epoch position continues `plan`'s epoch:
+        the same plan at `consumed` batches if the layout is unchanged; otherwise (elastic) the
+        part already trained is taken out and the rest of the epoch is cut for this layout, with
+        Lightning's batch count going on from `offset`. `epoch` None: trust the saved epoch (the
+        loader's length is asked before Lightning restores which epoch it is)."""
+        saved = self._resume
+        if not saved or saved["epoch"] != (saved["epoch"] if epoch is None else epoch):
+            return plan, 0, 0
+        plan = replace(plan, epoch=saved["epoch"], before=tuple(Part(**p) for p in saved.get("parts", ())))
+        offset = saved.get("offset", 0)
+        part = Part(
+            saved["world_size"],
+            saved["num_workers"],
+            saved["batch_size"],
+            saved["shuffle_buffer"],
+            saved["batches"] - offset,
+        )
+        trained = replace(
+            plan,
+            world_size=part.world_size,
+            num_workers=part.num_workers,
+            batch_size=part.batch_size,
+            buffer_size=part.buffer_size,
+        )
+        if not 0 < part.batches < len(trained):  # at an epoch's start or end: nothing to continue
+            return replace(plan, before=()), 0, 0
+        for key, now in (("seed", self.seed), ("index_sha256", self.index.sha256)):
+            if saved[key] != now:
+                # Both reorder the epoch itself, so the samples already trained cannot be told.
+                raise UserError(
+                    f"cannot resume mid-epoch with a changed {key} ({saved[key]} -> {now}): resume "
+                    "with the original one, or from an end-of-epoch checkpoint"
+                )
+        if trained == plan:
+            return plan, offset, part.batches
+        return plan.resumed(part), saved["batches"], 0
 
     @property
     def audit(self) -> Audit | None:
@@ -184,25 +238,32 @@ class ShardDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        """The data position, saved in every checkpoint: batches this rank consumed this epoch."""
+        """The data position, saved in every checkpoint: batches this rank consumed this epoch
+        (Lightning's count), and the layouts that trained them."""
         trainer = self.trainer
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch, before, offset = self._part
+        if epoch != trainer.current_epoch:
+            before, offset = (), 0
         if self.audit:  # every rank writes its own mark; the checkpoint holds rank 0's state
             self.audit.mark(trainer.global_step, trainer.current_epoch)
+        now = (done - offset) * self.batch_size * trainer.world_size
         return {
             "epoch": trainer.current_epoch,
             "batches": done,
-            "samples": done * self.batch_size * trainer.world_size,  # global position
+            "offset": offset,
+            "parts": [asdict(p) for p in before],
+            "samples": now + sum(p.batches * p.batch_size * p.world_size for p in before),  # global
             "global_step": trainer.global_step,
             "audit_dir": self.audit_dir,
             **self._plan_inputs(),
         }
 
     def _plan_inputs(self) -> dict:
-        """What besides the epoch fixes the training plan; a mid-epoch position is only
-        meaningful under the same values."""
+        """What besides the epoch fixes the training plan: a mid-epoch position continues the
+        same plan if these are unchanged, and an elastic part of the epoch if not."""
         return {
             "world_size": self.trainer.world_size if self.trainer else 1,
             "batch_size": self.batch_size,
@@ -224,7 +285,14 @@ class ShardDataModule(L.LightningDataModule):
                 "data.audit=true, but the run being resumed kept no audit, so it could not list "
                 "the samples already trained: resume without data.audit, or start fresh"
             )
+        rank, world = self.audit.rank, self.trainer.world_size if self.trainer else 1
+        # Each rank continues its own file; rank 0 also carries over the files of ranks that
+        # this (smaller) world no longer has, so the audit still lists everything trained.
+        ranks = [rank] if rank < state["world_size"] else []
+        if rank == 0:
+            ranks += range(world, state["world_size"])
         try:
-            self.audit.restore(state["audit_dir"], state["global_step"])
+            for r in ranks:
+                Audit(self.audit_dir, r).restore(state["audit_dir"], state["global_step"])
         except (OSError, ValueError) as e:
             raise UserError(f"cannot continue the audit of {state['audit_dir']}: {e}") from None

@@ -60,21 +60,51 @@ def test_labels_travel_with_their_images(tiny_index):
         assert labels.tolist() == [truth[k] for k in keys]
 
 
+def position(dm: ShardDataModule, batches: int, **saved) -> dict:
+    """What a checkpoint of `dm`, `batches` into epoch 0, holds (`saved` overrides the layout)."""
+    return {"epoch": 0, "batches": batches, "offset": 0, "parts": [], **dm._plan_inputs(), **saved}
+
+
 def test_resume_continues_the_epoch_exactly(tiny_index):
     dm = ShardDataModule(tiny_index, batch_size=10, num_workers=2, image_size=32)
     loader = dm.train_dataloader()
     _, epoch0 = collect(loader)
-    dm.load_state_dict({"epoch": 0, "batches": 5})
+    dm.load_state_dict(position(dm, 5))
+    assert len(loader) == 18  # Lightning counts on from batch 5
     _, rest = collect(loader)  # the first iteration after a restore starts at batch 5
     assert rest == epoch0[50:]
     _, again = collect(loader)
     assert again == epoch0  # later iterations start at the top again
 
 
-def test_mid_epoch_resume_with_another_plan_is_refused(tiny_index):
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [({"num_workers": 2}, {}), ({"batch_size": 7, "shuffle_buffer": 3}, {}), ({}, {"num_workers": 0})],
+)
+def test_resume_under_another_layout_trains_the_rest_of_the_epoch_once(tiny_index, before, after):
+    """Elastic: stop 4 batches into an epoch under one layout, resume under another."""
+    kw = {"batch_size": 10, "num_workers": 1, "image_size": 32, "shuffle_buffer": 16}
+    first = ShardDataModule(tiny_index, **{**kw, **before})
+    batches, _ = collect(first.train_dataloader())
+    trained = [k for b in batches[:4] for k in b[2]]
+
+    second = ShardDataModule(tiny_index, **{**kw, **after})
+    second.load_state_dict(position(first, 4))
+    loader = second.train_dataloader()
+    length = len(loader)
+    _, rest = collect(loader)
+    assert length == 4 + len(rest) // 10  # Lightning counts on from batch 4
+    both = trained + rest
+    assert len(both) == len(set(both))
+    assert 180 - len(both) < 10  # only the tail under one batch is left out
+    _, later = collect(loader)
+    assert len(later) == 180 // 10 * 10  # the next epoch is whole again
+
+
+def test_mid_epoch_resume_with_another_seed_is_refused(tiny_index):
     dm = ShardDataModule(tiny_index, batch_size=10, num_workers=1, image_size=32)
-    dm.load_state_dict({"epoch": 0, "batches": 5, "num_workers": 2, "batch_size": 10, "world_size": 1})
-    with pytest.raises(UserError, match="num_workers 2 -> 1"):
+    dm.load_state_dict(position(dm, 5, seed=3))
+    with pytest.raises(UserError, match=r"changed seed \(3 -> 0\)"):
         list(dm.train_dataloader())
 
 

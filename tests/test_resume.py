@@ -78,3 +78,35 @@ def test_killed_mid_epoch_then_resumed_trains_each_sample_exactly_once(tmp_path,
     train_cli(tmp_path, tiny_index, "name=crashy", "trainer.max_epochs=3", "resume=auto")
     resumed_dir = next(d for d in (tmp_path / "outputs" / "crashy").iterdir() if d != crashed_dir)
     assert audit(resumed_dir) == expected
+
+
+def test_ddp_run_killed_mid_epoch_resumes_on_one_process_exactly_once(tmp_path, tiny_index):
+    """Elastic: 2 ranks × 1 worker lose rank 1 (SIGKILL, so Lightning ends the group) after the
+    step-2 checkpoint; the run resumes on 1 rank × 2 workers, and the audit of the interrupted
+    epoch, old ranks and new together, lists every sample at most once."""
+    ddp = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "checkpoint.every_n_steps=2")
+    victim = train_cli(
+        tmp_path,
+        tiny_index,
+        "name=elastic",
+        "trainer.max_epochs=2",
+        *ddp,
+        wait=False,
+        env={"SHARDTRAIN_KILL_AT_STEP": "3", "SHARDTRAIN_KILL_RANK": "1"},
+    )
+    out, _ = victim.communicate(timeout=300)
+    assert victim.returncode != 0, out[-2000:]
+    (crashed_dir,) = (tmp_path / "outputs" / "elastic").iterdir()
+    position = torch.load(crashed_dir / "checkpoints" / "last.ckpt", weights_only=True)["ShardDataModule"]
+    assert (position["epoch"], position["batches"], position["world_size"]) == (0, 2, 2)
+
+    resume = ("trainer.max_epochs=2", "data.num_workers=2", "resume=auto")
+    train_cli(tmp_path, tiny_index, "name=elastic", *resume)
+    resumed_dir = next(d for d in (tmp_path / "outputs" / "elastic").iterdir() if d != crashed_dir)
+    files = audit(resumed_dir)
+    assert sorted(files) == ["epoch000-rank000.txt", "epoch000-rank001.txt", "epoch001-rank000.txt"]
+    assert len(files["epoch000-rank001.txt"]) == 2 * 16  # rank 1's part, cut back to the checkpoint
+    epoch0 = files["epoch000-rank000.txt"] + files["epoch000-rank001.txt"]
+    assert len(epoch0) == len(set(epoch0))
+    assert 180 - len(epoch0) < 16  # 2 × 2 × 16 trained on 2 ranks, then 7 batches of the rest
+    assert len(files["epoch001-rank000.txt"]) == len(set(files["epoch001-rank000.txt"])) == 176

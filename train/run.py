@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         finish(loggers)
     return summarize(trainer, module, resumed_from=ckpt_path)
