@@ -73,7 +73,7 @@ def _index(args: argparse.Namespace) -> int:
     from data.scan import build_index
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    index = build_index(args.dir, classes, args.overwrite)
+    index = build_index(args.dir, classes, args.overwrite, args.label)
     parts = ", ".join(f"{name} {s.num_samples} in {len(s.shards)} shards" for name, s in index.splits.items())
     print(f"wrote {index.location}: {parts}; {len(index.classes)} classes")
     return 0
@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("index", help="write dataset.json for shards made by other tools")
     x.add_argument("dir", help="directory (path or fsspec URL) holding the .tar shards")
     x.add_argument("--classes", help="class names in label order, comma-separated (default: 0..K-1)")
+    x.add_argument(
+        "--label",
+        default="cls",
+        help="where samples keep their class: cls (KEY.cls, default) or json:FIELD (a field of "
+        "KEY.json holding the class index or name)",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing dataset.json")
     x.set_defaults(run=_index)
 

@@ -156,7 +156,7 @@ class ShardDataModule(L.LightningDataModule):
         else:
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
-            ShardStream(urls, plan, transform, len(self.classes)),
+            ShardStream(urls, plan, transform, self.index.labels),
             settle,
             length,
             num_workers=self.num_workers,

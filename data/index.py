@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from data.errors import UserError
+from data.samples import Labels
 
 FORMAT = "shardtrain.dataset"
 VERSION = 1
@@ -58,6 +59,11 @@ class DatasetIndex:
     location: str = ""  # where dataset.json was read from; shard URLs resolve against it
     sha256: str = ""  # of the dataset.json bytes: names the exact data set in lineage
     extra: dict = field(default_factory=dict)  # e.g. how the set was made
+    label: str = "cls"  # where samples keep their class: KEY.cls, or "json:FIELD" of KEY.json
+
+    @property
+    def labels(self) -> Labels:
+        return Labels(self.classes, self.label)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -75,6 +81,7 @@ class DatasetIndex:
             "format": FORMAT,
             "version": VERSION,
             "classes": list(self.classes),
+            **({"label": self.label} if self.label != "cls" else {}),
             "splits": {
                 name: {
                     "num_samples": split.num_samples,
@@ -133,11 +140,12 @@ def load_index(path_or_dir: str) -> DatasetIndex:
             name: Split(tuple(Shard(**s) for s in split["shards"])) for name, split in doc["splits"].items()
         }
         classes = tuple(doc["classes"])
+        label = Labels(classes, doc.get("label", "cls")).source
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{url} is not a shardtrain dataset index: {e}") from None
-    known = {"format", "version", "classes", "splits", "num_samples"}
+    known = {"format", "version", "classes", "label", "splits", "num_samples"}
     extra = {k: v for k, v in doc.items() if k not in known}
-    return DatasetIndex(classes, splits, url, hashlib.sha256(raw).hexdigest(), extra)
+    return DatasetIndex(classes, splits, url, hashlib.sha256(raw).hexdigest(), extra, label)
 
 
 def save_index(index: DatasetIndex, url: str) -> str:

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from data.decode import decode_rgb, open_image
 from data.index import DatasetIndex
-from data.samples import BadSample, image_bytes, label, read_shard
+from data.samples import BadSample, image_bytes, read_shard
 
 THUMB = 96  # grid cell side, pixels
 LABEL_WIDTH = 110  # left margin for the class names, pixels
@@ -28,7 +28,7 @@ def histogram(index: DatasetIndex) -> dict[str, Counter]:
             url = index.shard_url(shard)
             for sample in read_shard(url):
                 try:
-                    counts[name][index.classes[label(sample, len(index.classes))]] += 1
+                    counts[name][index.classes[index.labels(sample)]] += 1
                 except BadSample as e:
                     counts[name][f"<{e}>"] += 1
     return counts
@@ -41,7 +41,7 @@ def sample_grid(index: DatasetIndex, split: str, per_class: int = 8) -> Image.Im
         url = index.shard_url(shard)
         for sample in read_shard(url):
             try:
-                c = label(sample, len(index.classes))
+                c = index.labels(sample)
                 if len(rows[c]) < per_class:
                     im = open_image(image_bytes(sample))
                     im = decode_rgb(im, min(im.size) / THUMB)

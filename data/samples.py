@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
@@ -35,11 +37,40 @@ def image_bytes(sample: dict) -> bytes:
     return image
 
 
-def label(sample: dict, num_classes: int) -> int:
-    try:
-        value = int(sample["cls"])
-    except (KeyError, ValueError):
-        raise BadSample("missing or non-integer label") from None
-    if not 0 <= value < num_classes:  # would crash the loss (on a GPU, opaquely)
-        raise BadSample("label out of range")
-    return value
+@dataclass(frozen=True)
+class Labels:
+    """Reads a sample's class index. `source` "cls": `KEY.cls` holds it as text (the WebDataset
+    convention). "json:FIELD": that field of `KEY.json` holds the index or the class name."""
+
+    classes: tuple[str, ...]
+    source: str = "cls"
+
+    def __post_init__(self):
+        if self.source != "cls" and not (self.source.startswith("json:") and len(self.source) > 5):
+            raise ValueError(f"label source {self.source!r}: expected 'cls' or 'json:FIELD'")
+
+    def __call__(self, sample: dict) -> int:
+        value = self.raw(sample)
+        if isinstance(value, str):
+            if value not in self.classes:
+                raise BadSample("unknown class name")
+            return self.classes.index(value)
+        if not 0 <= value < len(self.classes):  # would crash the loss (on a GPU, opaquely)
+            raise BadSample("label out of range")
+        return value
+
+    def raw(self, sample: dict) -> int | str:
+        """The label as stored: an integer, or (from JSON only) a class name."""
+        if self.source == "cls":
+            try:
+                return int(sample["cls"])
+            except (KeyError, ValueError):
+                raise BadSample("missing or non-integer label") from None
+        field = self.source[5:]
+        try:
+            value = json.loads(sample["json"])[field]
+        except (KeyError, ValueError, TypeError):
+            raise BadSample(f"no {field!r} in KEY.json") from None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise BadSample("missing or non-integer label")
+        return value

@@ -2,8 +2,10 @@
 
 webdataset's ShardWriter, img2dataset and hand-made tars hold the same `KEY.jpg` + `KEY.cls`
 samples as ours but no index. This reads every shard once (count, size, sha256, labels) and
-writes the index beside them. Splits come from the file names: `train-000000.tar`,
-`val_0001.tar`, `test.tar` ...; a shard whose name starts with no known split goes to `train`.
+writes the index beside them. Labels kept in `KEY.json` instead (`--label json:FIELD`) may be
+class indices or class names; names become the class list, sorted, unless `--classes` orders
+them. Splits come from the file names: `train-000000.tar`, `val_0001.tar`, `test.tar` ...; a
+shard whose name starts with no known split goes to `train`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import fsspec
 
 from data.errors import UserError
 from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, save_index
-from data.samples import tar_samples
+from data.samples import BadSample, Labels, tar_samples
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
@@ -31,24 +33,31 @@ def split_of(name: str) -> str:
     return word if word in SPLIT_NAMES else "train"
 
 
-def scan_shard(url: str) -> tuple[Shard, int]:
-    """The shard's index entry, and the largest label it holds (-1 if none)."""
+def scan_shard(url: str, labels: Labels) -> tuple[Shard, set[int | str]]:
+    """The shard's index entry, and the labels it holds as stored (indices or class names)."""
     with fsspec.open(url, "rb") as f:
         raw = f.read()
-    count, top = 0, -1
+    count, found = 0, set()
     try:
         for sample in tar_samples(io.BytesIO(raw), url):
             count += 1
-            if "cls" in sample:
-                top = max(top, int(sample["cls"]))
-    except ValueError as e:
-        raise UserError(f"{url}: a label is not an integer ({e}); .cls must hold the class index") from None
+            try:
+                found.add(labels.raw(sample))
+            except BadSample as e:
+                if labels.source == "cls" and "cls" in sample:  # present but unreadable
+                    raise UserError(
+                        f"{url}: a label is not an integer ({e}); .cls must hold the class index"
+                    ) from None
+    except UserError:
+        raise
     except Exception as e:  # a broken tar cannot be indexed reliably
         raise UserError(f"{url}: not a readable tar ({str(e).split(' @ ')[0]})") from None
-    return Shard(os.path.basename(url), count, len(raw), hashlib.sha256(raw).hexdigest()), top
+    return Shard(os.path.basename(url), count, len(raw), hashlib.sha256(raw).hexdigest()), found
 
 
-def build_index(directory: str, classes: list[str] | None = None, overwrite: bool = False) -> DatasetIndex:
+def build_index(
+    directory: str, classes: list[str] | None = None, overwrite: bool = False, label: str = "cls"
+) -> DatasetIndex:
     fs, root = fsspec.core.url_to_fs(directory)
     index_url = join_url(directory.rstrip("/"), INDEX_NAME)
     if fs.exists(f"{root}/{INDEX_NAME}") and not overwrite:
@@ -56,22 +65,42 @@ def build_index(directory: str, classes: list[str] | None = None, overwrite: boo
     names = sorted(os.path.basename(p) for p in fs.glob(f"{root}/*.tar"))
     if not names:
         raise UserError(f"{directory}: no .tar shards here")
+    try:
+        reader = Labels((), label)
+    except ValueError as e:
+        raise UserError(f"--label: {e}") from None
     splits: dict[str, list[Shard]] = {}
-    top = -1
+    found: set[int | str] = set()
     for name in names:
-        shard, shard_top = scan_shard(join_url(directory.rstrip("/"), name))
+        shard, labels = scan_shard(join_url(directory.rstrip("/"), name), reader)
         splits.setdefault(split_of(name), []).append(shard)
-        top = max(top, shard_top)
-    if top < 0:
-        raise UserError(f"{directory}: no sample has a .cls label (KEY.cls with the class index)")
-    if classes is None:
-        classes = [str(c) for c in range(top + 1)]
-    elif len(classes) <= top:
-        raise UserError(f"--classes names {len(classes)} classes, but the shards use labels up to {top}")
+        found |= labels
     index = DatasetIndex(
-        tuple(classes),
+        tuple(_classes(directory, label, found, classes)),
         {k: Split(tuple(v)) for k, v in splits.items()},
         extra={"created_by": {"index": directory}},
+        label=label,
     )
     sha = save_index(index, index_url if "://" in index_url else os.path.join(root, INDEX_NAME))
-    return DatasetIndex(index.classes, index.splits, index_url, sha, index.extra)
+    return DatasetIndex(index.classes, index.splits, index_url, sha, index.extra, label)
+
+
+def _classes(directory: str, label: str, found: set[int | str], classes: list[str] | None) -> list[str]:
+    """The class list: `classes` if given and it covers every label found, else made from them."""
+    where = "KEY.cls with the class index" if label == "cls" else f"{label[5:]!r} in KEY.json"
+    if not found:
+        raise UserError(f"{directory}: no sample has a label ({where})")
+    names = {v for v in found if isinstance(v, str)}
+    if names and len(names) < len(found):
+        raise UserError(f"{directory}: {where} holds both class names and indices; use one kind")
+    if names:
+        unknown = sorted(names - set(classes or names))
+        if unknown:
+            raise UserError(f"--classes does not name {', '.join(unknown[:5])}, which the shards use")
+        return classes or sorted(names)
+    top = max(found)
+    if classes is None:
+        return [str(c) for c in range(top + 1)]
+    if len(classes) <= top:
+        raise UserError(f"--classes names {len(classes)} classes, but the shards use labels up to {top}")
+    return classes

@@ -101,7 +101,7 @@ def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples
 def decode_samples(
     samples: Iterable[dict | None],
     transform: Callable[[bytes], torch.Tensor],
-    num_classes: int,
+    labels: Callable[[dict], int],
     bad: BadSamples,
 ) -> Iterator[tuple[torch.Tensor, int, str] | None]:
     """(image, class index, key) per planned sample, or None where it cannot train."""
@@ -112,7 +112,7 @@ def decode_samples(
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         try:
             image = transform(shard_samples.image_bytes(sample))
-            target = shard_samples.label(sample, num_classes)
+            target = labels(sample)
         except BadSample as e:
             bad(str(e), url, key)
             image = None
@@ -172,9 +172,8 @@ class ShardStream(IterableDataset):
     each iteration; both are plain data, so they travel to worker processes by pickling.
     """
 
-    def __init__(self, urls: Sequence[str], plan: EpochPlan, transform: Callable, num_classes: int):
-        self.urls, self.plan, self.transform = list(urls), plan, transform
-        self.num_classes = num_classes
+    def __init__(self, urls: Sequence[str], plan: EpochPlan, transform: Callable, labels: Callable):
+        self.urls, self.plan, self.transform, self.labels = list(urls), plan, transform, labels
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -189,7 +188,7 @@ class ShardStream(IterableDataset):
         bad = BadSamples()
         samples = self.plan.worker_samples(worker, self.consumed)
         yield from batched(
-            decode_samples(read_planned(samples, self.urls, bad), self.transform, self.num_classes, bad),
+            decode_samples(read_planned(samples, self.urls, bad), self.transform, self.labels, bad),
             self.plan.batch_size,
             bad,
         )

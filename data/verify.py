@@ -17,7 +17,7 @@ import fsspec
 
 from data.decode import decode_fully
 from data.index import DatasetIndex, Shard
-from data.samples import BadSample, image_bytes, label, tar_samples
+from data.samples import BadSample, Labels, image_bytes, tar_samples
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ShardCheck:
     problems: tuple[str, ...]
 
 
-def check_shard(url: str, shard: Shard, num_classes: int, decode: bool = True) -> ShardCheck:
+def check_shard(url: str, shard: Shard, labels: Labels, decode: bool = True) -> ShardCheck:
     """Everything that can be wrong with one shard, as readable lines (at most a few per kind)."""
     try:
         with fsspec.open(url, "rb") as f:
@@ -44,7 +44,7 @@ def check_shard(url: str, shard: Shard, num_classes: int, decode: bool = True) -
     try:
         for sample in tar_samples(io.BytesIO(raw), url):
             count += 1
-            reason = _check_sample(sample, num_classes, decode)
+            reason = _check_sample(sample, labels, decode)
             if reason:
                 bad.setdefault(reason, []).append(sample["__key__"])
     except Exception as e:  # the tar itself is broken: what follows is unreadable
@@ -58,10 +58,10 @@ def check_shard(url: str, shard: Shard, num_classes: int, decode: bool = True) -
     return ShardCheck(url, count, tuple(problems))
 
 
-def _check_sample(sample: dict, num_classes: int, decode: bool) -> str | None:
+def _check_sample(sample: dict, labels: Labels, decode: bool) -> str | None:
     try:
         image = image_bytes(sample)
-        label(sample, num_classes)
+        labels(sample)
     except BadSample as e:
         return str(e)
     if decode:
@@ -78,7 +78,7 @@ def _check(args: tuple) -> ShardCheck:
 
 def verify(index: DatasetIndex, decode: bool = True, workers: int | None = None) -> list[ShardCheck]:
     jobs = [
-        (index.shard_url(shard), shard, len(index.classes), decode)
+        (index.shard_url(shard), shard, index.labels, decode)
         for split in index.splits.values()
         for shard in split.shards
     ]

@@ -13,6 +13,7 @@ from data.datamodule import ShardDataModule
 from data.errors import UserError
 from data.index import load_index
 from data.plan import EpochPlan
+from data.samples import Labels
 from data.stream import BadSamples, batched, decode_samples, read_planned
 from data.transforms import EvalTransform
 
@@ -128,9 +129,8 @@ def test_corrupt_and_unlabelled_samples_are_skipped_and_counted(tmp_path, tiny_i
             dst.addfile(info, io.BytesIO(data))
     plan = EpochPlan((50,), batch_size=50, shuffle=False, drop_last=False)
     bad = BadSamples()
-    out = list(
-        decode_samples(read_planned(plan.worker_samples(0), [str(bad_shard)], bad), EvalTransform(32), 5, bad)
-    )
+    samples = read_planned(plan.worker_samples(0), [str(bad_shard)], bad)
+    out = list(decode_samples(samples, EvalTransform(32), Labels(tuple("abcde")), bad))
     assert len(out) == 50  # one entry per plan position; None where a sample cannot train
     assert sum(x is not None for x in out) == 47
     assert bad.counts == {"undecodable image": 1, "missing or non-integer label": 1, "label out of range": 1}

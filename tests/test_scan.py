@@ -71,3 +71,43 @@ def test_too_few_class_names_is_refused(foreign):
 )
 def test_split_from_file_name(name, split):
     assert split_of(name) == split
+
+
+@pytest.fixture
+def json_labelled(tmp_path):
+    """img2dataset-style shards: the class lives in KEY.json, as a name, beside other metadata;
+    one sample has no class and one a name the others never use."""
+    names = ["scratch", "ok", "dent"]
+    with wds.ShardWriter(str(tmp_path / "train-%06d.tar"), maxcount=10) as sink:
+        for i in range(20):
+            meta = {"url": f"line3/cam1/{i}.jpg", "defect": names[i % 3]}
+            if i == 7:
+                del meta["defect"]
+            sink.write({"__key__": f"{i:05d}", "jpg": jpeg(i), "json": meta})
+    return tmp_path
+
+
+def test_labels_from_a_json_field_by_name(json_labelled):
+    index = build_index(str(json_labelled), label="json:defect")
+    assert index.classes == ("dent", "ok", "scratch")  # names, sorted
+    dm = ShardDataModule(index.location, batch_size=4, num_workers=0, image_size=32, val_split="train")
+    got = {k: int(c) for batch in dm.val_dataloader() for k, c in zip(batch[2], batch[1])}
+    assert len(got) == 19  # the sample without a class is skipped as bad data
+    assert got["00000"] == index.classes.index("scratch") and got["00001"] == index.classes.index("ok")
+
+
+def test_json_labels_follow_the_given_class_order_and_refuse_unknown_names(json_labelled):
+    index = build_index(str(json_labelled), classes=["ok", "scratch", "dent"], label="json:defect")
+    assert index.classes == ("ok", "scratch", "dent") and index.label == "json:defect"
+    with pytest.raises(UserError, match="--classes does not name dent"):
+        build_index(str(json_labelled), classes=["ok", "scratch"], label="json:defect", overwrite=True)
+
+
+def test_cli_label_option(json_labelled):
+    run = [sys.executable, "-m", "data", "index", str(json_labelled), "--label", "json:defect"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train 20 in 2 shards; 3 classes" in out.stdout, out.stderr
+    wrong = subprocess.run([*run, "--overwrite", "--label", "defect"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "expected 'cls' or 'json:FIELD'" in wrong.stderr
+    missing = subprocess.run([*run[:-1], "json:colour", "--overwrite"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no sample has a label ('colour' in KEY.json)" in missing.stderr
