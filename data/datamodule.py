@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import cached_property
+from typing import Literal
 
 import lightning.pytorch as L
 from torch.utils.data import DataLoader
@@ -86,6 +87,7 @@ class ShardDataModule(L.LightningDataModule):
         audit: bool = False,
         audit_dir: str = "audit",
         max_bad_fraction: float = 0.01,
+        missing_shards: Literal["fail", "skip"] = "fail",
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -99,6 +101,7 @@ class ShardDataModule(L.LightningDataModule):
         self._part: tuple[int, tuple[Part, ...], int] = (-1, (), 0)  # (epoch, parts before, offset)
         self.audit_dir = os.path.abspath(audit_dir) if audit else None
         self.max_bad_fraction = max_bad_fraction  # enforced by data.quality.BadDataMonitor
+        self.missing_shards = missing_shards
         self._audit: Audit | None = None
 
     def prepare_data(self) -> None:
@@ -149,6 +152,8 @@ class ShardDataModule(L.LightningDataModule):
         return [self.index.shard_url(s) for s in shards], plan
 
     def _loader(self, split: str, train: bool) -> PlannedLoader:
+        if self.missing_shards not in ("fail", "skip"):
+            raise UserError(f"data.missing_shards={self.missing_shards}: expected fail or skip")
         urls, plan = self._plan(split, train)
         transform = self.train_transform if train else self.eval_transform
         if train:
@@ -156,7 +161,7 @@ class ShardDataModule(L.LightningDataModule):
         else:
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
-            ShardStream(urls, plan, transform, self.index.labels),
+            ShardStream(urls, plan, transform, self.index.labels, self.missing_shards),
             settle,
             length,
             num_workers=self.num_workers,

@@ -58,11 +58,14 @@ def _tar_samples(url: str) -> Generator[tuple[int, dict]]:
     yield from enumerate(shard_samples.read_shard(url))
 
 
-def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples) -> Iterator[dict | None]:
+def read_planned(
+    samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples, missing: str = "fail"
+) -> Iterator[dict | None]:
     """Yield the planned samples in plan order, reading every shard front to back once.
 
     Samples a shard holds before the one asked for are kept only if the plan wants them later
-    (the shuffle buffer bounds how many), so memory stays flat and reads stay sequential.
+    (the shuffle buffer bounds how many), so memory stays flat and reads stay sequential. A shard
+    listed in the index but missing is an error, or with `missing="skip"` its samples are bad.
     """
     wanted = set(samples)
     left = Counter(s for s, _ in samples)  # per shard: planned samples not yet yielded
@@ -75,10 +78,14 @@ def read_planned(samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples
             try:
                 j, sample = next(reader)
             except FileNotFoundError:
-                raise UserError(
-                    f"shard {urls[shard]} is listed in the index but missing "
-                    "(restore it, or rewrite the data set with python -m data write)"
-                ) from None
+                if missing != "skip":
+                    raise UserError(
+                        f"shard {urls[shard]} is listed in the index but missing (restore it, "
+                        "or rewrite the data set; data.missing_shards=skip trains without it)"
+                    ) from None
+                ended[shard] = "missing shard"
+                log.warning("shard %s is listed in the index but missing: skipping it", urls[shard])
+                break
             except StopIteration:
                 ended[shard] = "shard shorter than its index"
                 break
@@ -172,8 +179,16 @@ class ShardStream(IterableDataset):
     each iteration; both are plain data, so they travel to worker processes by pickling.
     """
 
-    def __init__(self, urls: Sequence[str], plan: EpochPlan, transform: Callable, labels: Callable):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        plan: EpochPlan,
+        transform: Callable,
+        labels: Callable,
+        missing: str = "fail",  # a shard listed but not found: "fail", or "skip" its samples
+    ):
         self.urls, self.plan, self.transform, self.labels = list(urls), plan, transform, labels
+        self.missing = missing
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -187,8 +202,5 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + self.consumed) % workers
         bad = BadSamples()
         samples = self.plan.worker_samples(worker, self.consumed)
-        yield from batched(
-            decode_samples(read_planned(samples, self.urls, bad), self.transform, self.labels, bad),
-            self.plan.batch_size,
-            bad,
-        )
+        read = read_planned(samples, self.urls, bad, self.missing)
+        yield from batched(decode_samples(read, self.transform, self.labels, bad), self.plan.batch_size, bad)

@@ -65,3 +65,29 @@ def test_past_the_limit_the_run_stops_naming_the_worst_shard(make_cfg, damaged):
         r"data.max_bad_fraction=0.01; worst shards: .*train-000001.tar \(6\)",
     ):
         train(make_cfg(f"data.index={damaged}", "data.batch_size=15"))
+
+
+def test_missing_shard_fails_by_default_and_is_skipped_on_request(make_cfg, damaged, tmp_path):
+    (damaged / "train-000003.tar").unlink()  # 30 of the 180 training samples
+    with pytest.raises(UserError, match=r"train-000003.tar is listed in the index but missing"):
+        train(make_cfg(f"data.index={damaged}", "data.batch_size=15"))
+    with pytest.raises(
+        UserError, match=r"over data.max_bad_fraction=0.1; worst shards: .*train-000003.tar \(30\)"
+    ):
+        train(
+            make_cfg(
+                f"data.index={damaged}",
+                "data.batch_size=15",
+                "data.missing_shards=skip",
+                "data.max_bad_fraction=0.1",
+            )
+        )
+    result = train(
+        make_cfg(
+            f"data.index={damaged}",
+            "data.batch_size=15",
+            "data.missing_shards=skip",
+            "data.max_bad_fraction=0.3",
+        )
+    )
+    assert result["global_step"] == 12  # the planned batch count: the missing samples leave batches short

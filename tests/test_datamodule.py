@@ -155,6 +155,17 @@ def test_missing_shard_is_an_error_naming_it(tmp_path):
         list(read_planned(plan.worker_samples(0), [str(tmp_path / "gone.tar")], BadSamples()))
 
 
+def test_missing_shard_skipped_on_request_counts_its_samples(tiny_index, tmp_path):
+    index = load_index(tiny_index)
+    urls = [index.shard_url(s) for s in index.split("val").shards]
+    plan = EpochPlan((50, 10), batch_size=5, shuffle=False, drop_last=False)
+    bad = BadSamples()
+    got = list(read_planned(plan.worker_samples(0), [str(tmp_path / "gone.tar"), urls[1]], bad, "skip"))
+    assert sum(s is not None for s in got) == 10 and len(got) == 60
+    assert bad.counts == {"missing shard": 50}
+    assert set(bad.take()["shards"]) == {str(tmp_path / "gone.tar")}
+
+
 def test_turning_the_audit_on_at_a_resume_is_refused(tiny_index, tmp_path):
     dm = ShardDataModule(tiny_index, batch_size=10, num_workers=0, audit=True, audit_dir=str(tmp_path / "a"))
     with pytest.raises(UserError, match="the run being resumed kept no audit"):
