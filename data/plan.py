@@ -158,8 +158,10 @@ def buffer_shuffle(items: Sequence, size: int, rng: np.random.Generator) -> list
     it with the next item. Each output is at most `size` items ahead of the read position, so a
     reader that follows this order keeps at most about `size` samples in memory."""
     out, buf = [], list(items[:size])
-    for item in items[size:]:
-        j = int(rng.integers(len(buf)))
+    # The buffer stays full while items remain, so every slot draw is over len(buf): drawn in
+    # one call, since a call per item would be most of the cost at millions of samples.
+    slots = rng.integers(len(buf), size=max(0, len(items) - size)).tolist()
+    for item, j in zip(items[size:], slots):
         out.append(buf[j])
         buf[j] = item
     out.extend(buf[j] for j in rng.permutation(len(buf)))
