@@ -8,6 +8,8 @@ import math
 
 from PIL import Image
 
+from data.samples import BadSample
+
 MAX_PIXELS = 64_000_000  # an image header claiming more is treated as a decompression bomb
 
 
@@ -15,7 +17,8 @@ def open_image(data: bytes) -> Image.Image:
     """Open lazily (header only) and refuse a decompression bomb before any pixel is decoded."""
     im = Image.open(io.BytesIO(data))
     if im.width * im.height > MAX_PIXELS:
-        raise ValueError(f"image of {im.width}x{im.height} pixels is over the {MAX_PIXELS} limit")
+        # A BadSample, so the loader counts bombs under a reason of their own.
+        raise BadSample(f"image over the {MAX_PIXELS} pixel limit (decompression bomb)")
     return im
 
 

@@ -143,6 +143,14 @@ def load_index(path_or_dir: str) -> DatasetIndex:
         label = Labels(classes, doc.get("label", "cls")).source
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{url} is not a shardtrain dataset index: {e}") from None
+    piped = [s.url for split in splits.values() for s in split.shards if s.url.startswith("pipe:")]
+    if piped:
+        # webdataset would run the rest of such a URL as a shell command: a data set must never
+        # be able to execute anything, so there is no opener for it here.
+        raise UserError(
+            f"{url} lists shards as pipe: commands ({piped[0]} ...); shardtrain never runs commands "
+            "to read data: give the shards as paths or fsspec URLs (s3://, gs://, https://)"
+        )
     known = {"format", "version", "classes", "label", "splits", "num_samples"}
     extra = {k: v for k, v in doc.items() if k not in known}
     return DatasetIndex(classes, splits, url, hashlib.sha256(raw).hexdigest(), extra, label)

@@ -34,6 +34,8 @@ def image_bytes(sample: dict) -> bytes:
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if image is None:
         raise BadSample("no image")
+    if not image:
+        raise BadSample("empty image")
     return image
 
 

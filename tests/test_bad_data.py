@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import tarfile
 
@@ -91,3 +92,70 @@ def test_missing_shard_fails_by_default_and_is_skipped_on_request(make_cfg, dama
         )
     )
     assert result["global_step"] == 12  # the planned batch count: the missing samples leave batches short
+
+
+def test_every_kind_of_bad_sample_in_a_real_shard_is_skipped_and_counted(tmp_path, monkeypatch):
+    """One shard with a good sample after each bad kind; nothing in it is unpickled or run."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from data import decode
+    from data.plan import EpochPlan
+    from data.samples import Labels
+    from data.stream import BadSamples, decode_samples, read_planned
+    from data.transforms import TrainTransform
+
+    def jpeg(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    class Payload:  # unpickling this would leave a file behind
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    monkeypatch.setattr(decode, "MAX_PIXELS", 300 * 300)  # a 400 x 400 image plays the bomb
+    kinds = {
+        "corrupt": {"jpg": b"\xff\xd8\xff garbage"},
+        "empty": {"jpg": b""},
+        "nolabel": {"jpg": jpeg(40)},
+        "textlabel": {"jpg": jpeg(40), "cls": b"three"},
+        "range": {"jpg": jpeg(40), "cls": b"9"},
+        "notimage": {"txt": b"hello", "cls": b"1"},
+        "pickled": {"pickle": pickle.dumps(Payload()), "pth": pickle.dumps(Payload()), "cls": b"1"},
+        "bomb": {"jpg": jpeg(400), "cls": b"1"},
+    }
+    shard = tmp_path / "bad.tar"
+    with tarfile.open(shard, "w") as tar:
+        for n, (name, damaged) in enumerate(kinds.items()):
+            for key, files in ((f"{n:02d}{name}", damaged), (f"{n:02d}good", {"jpg": jpeg(40), "cls": b"2"})):
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    plan = EpochPlan((16,), batch_size=16, shuffle=False, drop_last=False)
+    bad = BadSamples()
+    samples = read_planned(plan.worker_samples(0), [str(shard)], bad)
+    out = list(decode_samples(samples, TrainTransform(32), Labels(tuple("abc")), bad))
+    assert [x[2] for x in out if x] == [f"{n:02d}good" for n in range(8)]
+    assert bad.counts == {
+        "undecodable image": 1,
+        "empty image": 1,
+        "missing or non-integer label": 2,
+        "label out of range": 1,
+        "no image": 2,
+        "image over the 90000 pixel limit (decompression bomb)": 1,
+    }
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_an_index_naming_pipe_commands_is_refused(tiny_index, tmp_path):
+    with open(tiny_index) as f:
+        doc = json.load(f)
+    doc["splits"]["train"]["shards"][0]["url"] = f"pipe:touch {tmp_path}/pwned"
+    (tmp_path / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="shardtrain never runs commands"):
+        load_index(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()

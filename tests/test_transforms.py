@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from data import decode
+from data.samples import BadSample
 from data.transforms import EvalTransform, TrainTransform
 
 
@@ -59,5 +60,5 @@ def test_eval_transform_is_deterministic_and_matches_for_pil_input():
 
 def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(decode, "MAX_PIXELS", 100 * 100)
-    with pytest.raises(ValueError, match="over the 10000 limit"):
+    with pytest.raises(BadSample, match="over the 10000 pixel limit"):
         EvalTransform(32)(jpeg(200, 200))
