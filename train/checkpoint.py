@@ -90,7 +90,7 @@ class MidEpochCheckpoint(L.Callback):
             return
         self._saved = step
         final = os.path.join(self.dirpath, "last.ckpt")
-        trainer.save_checkpoint(final + ".partial")
+        trainer.save_checkpoint(final + ".partial", weights_only=False)  # full state: resumable
         if trainer.is_global_zero:
             os.replace(final + ".partial", final)
         trainer.strategy.barrier("mid_epoch_checkpoint")
