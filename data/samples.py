@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data.tar import TarError, tar_files
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -18,10 +19,24 @@ class BadSample(ValueError):
 
 
 def tar_samples(fileobj: BinaryIO, url: str) -> Iterator[dict]:
-    """{"__key__", "__url__", "jpg", "cls", ...} in file order; files are grouped by key as
-    webdataset does, and nothing is decoded, unpickled or executed."""
-    files = ({**file, "__url__": url} for file in tar_file_iterator(fileobj))
-    return group_by_keys(files)
+    """{"__key__", "__url__", "jpg", "cls", ...} in file order. Files are grouped into samples
+    as webdataset groups them: the key is the path up to the first dot of the file name, the
+    rest (lower-cased) names the entry; nothing is decoded, unpickled or executed."""
+    sample: dict | None = None
+    for name, data in tar_files(fileobj):
+        dot = name.find(".", name.rfind("/") + 1)
+        if dot < 0:
+            continue  # no extension: not part of any sample
+        key, ext = name[:dot], name[dot + 1 :].lower()
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        elif ext in sample:
+            raise TarError(f"{name}: the sample holds two {ext!r} files")
+        sample[ext] = data
+    if sample is not None:
+        yield sample
 
 
 def read_shard(url: str) -> Iterator[dict]:
