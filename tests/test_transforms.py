@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from data import decode
 from data.samples import BadSample
@@ -62,3 +63,15 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(decode, "MAX_PIXELS", 100 * 100)
     with pytest.raises(BadSample, match="over the 10000 pixel limit"):
         EvalTransform(32)(jpeg(200, 200))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decoded_straight_to_a_tensor_matches_pil(mode):
+    """A crop too small for a DCT reduction skips PIL; the pixels are libjpeg-turbo's either way."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(96, 80))).convert(mode).save(buf, format="JPEG", quality=90)
+    whole = TrainTransform(64, scale=(1.0, 1.0), ratio=(96 / 80, 96 / 80), hflip=0.0)(buf.getvalue())
+    pil = F.pil_to_tensor(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    expected = F.resize(pil, [64, 64], antialias=True)
+    assert whole.shape == (3, 64, 64)
+    assert (whole.int() - expected.int()).abs().max() <= 2  # IDCT rounding may differ by a level
