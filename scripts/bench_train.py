@@ -130,6 +130,8 @@ def plain(cfg, args: argparse.Namespace) -> float:
                 _sync(device)
                 start = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if args.channels_last:  # as the module does: NHWC input for the NHWC weights
+                images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
                 loss = loss_fn(net(images), labels)  # uint8 in: the network normalises on the device
             loss.backward()
