@@ -1,0 +1,63 @@
+"""The benchmark scripts run end to end and write the JSON keys CI and regression tracking read.
+
+Tiny sizes: these check that the scripts work, not how fast anything is (no timed asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out.stdout
+
+
+def test_bench_loader_writes_every_ratio(tmp_path):
+    run(
+        "bench_loader.py",
+        *("--quick", "--images", "96", "--batch-size", "16", "--workers", "1", "--wait-idle", "0"),
+        *("--root", str(tmp_path / "bench"), "--json", str(tmp_path / "loader.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "loader.json").read_text())
+    for key in ("l3_over_l0", "l3_over_l1", "l3_over_l2", "rss_10x_over_1x"):
+        assert figures[key] > 0, key
+
+
+def test_bench_train_writes_the_framework_ratio(tmp_path):
+    run(
+        "bench_train.py",
+        *("--backbone", "test_resnet", "--image-size", "32", "--batch", "16", "--images", "200"),
+        *("--warmup", "1", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "train.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "train.json").read_text())
+    assert figures["ours_over_plain"] > 0 and figures["ours_over_resident"] > 0
+
+
+def test_bench_plan_and_stream_run(tmp_path):
+    out = run("bench_plan.py", "--shards", "200", "--world", "4", "--workers", "2", cwd=tmp_path)
+    assert "after an elastic resume" in out
+    run(
+        "bench_stream.py",
+        "--images",
+        "200",
+        "--epochs",
+        "1",
+        "--json",
+        str(tmp_path / "s.json"),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert set(figures) >= {"audit_over_none_local", "s3_over_local"}
