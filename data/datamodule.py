@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import Literal
 
 import lightning.pytorch as L
+import torch
 from torch.utils.data import DataLoader
 
 from data.audit import Audit
@@ -29,7 +30,9 @@ warnings.filterwarnings(
 
 class PlannedLoader(DataLoader):
     """A DataLoader that settles the epoch, the plan and the resume position at the start of
-    every pass; workers get a fresh copy of the stream (with the plan) on every pass.
+    every pass. Persistent workers keep the plan they started with and read each pass's epoch
+    and position from the stream's shared `position`; a pass under another plan (the first epoch
+    after an elastic resume) starts them afresh.
 
     `settle(plan)` gives (the plan for this pass, batches Lightning counted before it, batches of
     it already consumed); `length` says how many batches Lightning will count for the pass.
@@ -44,6 +47,7 @@ class PlannedLoader(DataLoader):
     ):
         super().__init__(stream, batch_size=None, **kw)
         self._settle, self._length = settle, length
+        self._workers_plan: EpochPlan | None = None  # what running persistent workers hold
 
     def __len__(self) -> int:
         return self._length()
@@ -54,7 +58,14 @@ class PlannedLoader(DataLoader):
     def _batches(self):
         # Decided at the first batch, not at iter(): Lightning creates an epoch's iterator
         # before a restore has settled which epoch it is.
-        self.dataset.plan, _, self.dataset.consumed = self._settle(self.dataset.plan)
+        plan, _, consumed = self._settle(self.dataset.plan)
+        if self._iterator is not None and replace(plan, epoch=0) != self._workers_plan:
+            self._iterator._shutdown_workers()
+            self._iterator = None
+        if self._iterator is None:
+            self._workers_plan = replace(plan, epoch=0)
+        self.dataset.plan = plan
+        self.dataset.position.copy_(torch.tensor([plan.epoch, consumed]))
         yield from super().__iter__()
 
 
@@ -88,6 +99,7 @@ class ShardDataModule(L.LightningDataModule):
         audit_dir: str = "audit",
         max_bad_fraction: float = 0.01,
         missing_shards: Literal["fail", "skip"] = "fail",
+        persistent_workers: bool = True,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -102,6 +114,7 @@ class ShardDataModule(L.LightningDataModule):
         self.audit_dir = os.path.abspath(audit_dir) if audit else None
         self.max_bad_fraction = max_bad_fraction  # enforced by data.quality.BadDataMonitor
         self.missing_shards = missing_shards
+        self.persistent_workers = persistent_workers
         self._audit: Audit | None = None
 
     def prepare_data(self) -> None:
@@ -166,7 +179,9 @@ class ShardDataModule(L.LightningDataModule):
             length,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=False,  # workers must see each epoch's plan
+            # Kept across epochs: restarting them costs a pipeline refill (a batch per worker)
+            # every epoch, a third of the time of a 5,000-image epoch on a 16-core GPU host.
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
     def train_dataloader(self) -> PlannedLoader:

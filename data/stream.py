@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -186,8 +187,9 @@ def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
 class ShardStream(IterableDataset):
     """One rank's batches for one epoch, following `plan`; each loader worker reads its share.
 
-    The owner sets `plan` (epoch, rank, ...) and `consumed` (batches already trained on) before
-    each iteration; both are plain data, so they travel to worker processes by pickling.
+    The owner sets `plan` (rank, layout, ...) before workers start, and `position` (epoch,
+    batches already trained on) before each pass: a tensor in shared memory, so workers that
+    persist across epochs read each epoch's value from it.
     """
 
     def __init__(
@@ -200,18 +202,19 @@ class ShardStream(IterableDataset):
     ):
         self.urls, self.plan, self.transform, self.labels = list(urls), plan, transform, labels
         self.missing = missing
-        self.consumed = 0
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, consumed batches)
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], dict]]:
         info = get_worker_info()
+        epoch, consumed = self.position.tolist()
         # The DataLoader always asks its worker 0 first; after `consumed` batches the plan's
         # round-robin is at worker consumed % W, so loader worker i plays plan worker i + that.
         workers = info.num_workers if info else 1
-        worker = ((info.id if info else 0) + self.consumed) % workers
+        worker = ((info.id if info else 0) + consumed) % workers
         bad = BadSamples()
-        samples = self.plan.worker_samples(worker, self.consumed)
+        samples = replace(self.plan, epoch=epoch).worker_samples(worker, consumed)
         read = read_planned(samples, self.urls, bad, self.missing)
         yield from batched(decode_samples(read, self.transform, self.labels, bad), self.plan.batch_size, bad)

@@ -3,8 +3,9 @@
 Train: RandomResizedCrop + horizontal flip, with the crop box drawn from the header size before
 decoding, so a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the crop
 at the output size; where no reduction applies, torchvision's libjpeg-turbo decode writes the
-tensor directly (PIL would need a further copy into an array). Eval: resize the short side to size / crop_pct, centre crop, decoded likewise.
-Output stays uint8: normalisation runs on the device, in the module.
+tensor directly (PIL would need a further copy into an array). Eval: resize the short side to
+size / crop_pct, centre crop, decoded likewise. Output stays uint8: normalisation runs on the
+device, in the module.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ class TrainTransform:
         im = open_image(data)  # header only: size, format, and the decompression-bomb check
         top, left, h, w = _RRC.get_params(im, list(self.scale), list(self.ratio))
         spare = min(h, w) / self.size  # how many times larger the crop is than the output
-        if im.format == "JPEG" and im.mode in ("RGB", "L") and spare < 2:
-            # No DCT reduction to gain: libjpeg-turbo straight into a uint8 (3, H, W) tensor
-            # skips PIL's image-to-array copy, about a fifth of the time at ImageNet sizes.
-            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if _direct_jpeg(im, spare):
+            pixels = _decode_jpeg(data)
         else:
             full_w, full_h = im.size
             im = decode_rgb(im, spare)
@@ -63,7 +62,10 @@ class EvalTransform:
         return math.floor(self.size / self.crop_pct)
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        return self.apply(open_image(data))
+        im = open_image(data)
+        if _direct_jpeg(im, min(im.size) / self.resize):
+            return self.apply(_decode_jpeg(data))
+        return self.apply(im)
 
     def apply(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """The same resize and crop for an image already open: PIL, or uint8 (3, H, W)."""
@@ -72,3 +74,15 @@ class EvalTransform:
             image = F.pil_to_tensor(image)
         out = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(out, [self.size, self.size])
+
+
+def _direct_jpeg(im: Image.Image, spare: float) -> bool:
+    """A JPEG with no DCT reduction to gain (the region needed is under twice the output) goes
+    straight from libjpeg-turbo into a tensor: PIL's image-to-array copy would be about a fifth
+    of the time at ImageNet sizes."""
+    return im.format == "JPEG" and im.mode in ("RGB", "L") and spare < 2
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    """uint8 (3, H, W)."""
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)

@@ -1,4 +1,5 @@
-"""What the data layer's extras cost the loader: the per-sample audit, and object storage.
+"""What the data layer's extras cost the loader: the per-sample audit, object storage, and
+starting loader workers afresh every epoch instead of keeping them.
 
     python scripts/bench_stream.py [--images 4000] [--workers 2] [--json FILE]
 
@@ -12,6 +13,8 @@ measured over whole epochs in this one run on the same data:
     s3               the same shards uploaded to an S3-compatible server (moto) that this
                      script starts on 127.0.0.1, read through s3fs
     s3 + audit
+    local, restart   local, with data.persistent_workers=false: workers start afresh, and
+                     the pipeline refills, at every epoch
 
 and prints images/s with the ratios audit / no audit and s3 / local. moto is a Python server
 on the same cores, so the s3 figure is a floor for a real object store, not a forecast.
@@ -36,9 +39,16 @@ from data.sources import from_synthetic
 from data.write import write_dataset
 
 
-def measure(index: str, audit_dir: str | None, workers: int, epochs: int) -> float:
+def measure(index: str, audit_dir: str | None, persistent: bool, workers: int, epochs: int) -> float:
     """Images per second over `epochs` whole training epochs (the first pass warms caches)."""
-    dm = ShardDataModule(index, batch_size=64, num_workers=workers, image_size=128, shuffle_buffer=256)
+    dm = ShardDataModule(
+        index,
+        batch_size=64,
+        num_workers=workers,
+        image_size=128,
+        shuffle_buffer=256,
+        persistent_workers=persistent,
+    )
     loader = dm.train_dataloader()
     audit = Audit(audit_dir, 0) if audit_dir else None
     for _ in loader:  # warm-up: page cache, imports in workers
@@ -101,10 +111,11 @@ def main() -> None:
             write_dataset(images, out, shard_samples=500, workers=args.workers)
         local = f"{tmp}/shards/dataset.json"
         runs = {
-            "local": (local, None),
-            "local_audit": (local, f"{tmp}/audit-local"),
-            "s3": ("s3://bench/ds/dataset.json", None),
-            "s3_audit": ("s3://bench/ds/dataset.json", f"{tmp}/audit-s3"),
+            "local": (local, None, True),
+            "local_audit": (local, f"{tmp}/audit-local", True),
+            "s3": ("s3://bench/ds/dataset.json", None, True),
+            "s3_audit": ("s3://bench/ds/dataset.json", f"{tmp}/audit-s3", True),
+            "local_restart": (local, None, False),
         }
         figures = {name: measure(*run, args.workers, args.epochs) for name, run in runs.items()}
     finally:
@@ -115,10 +126,11 @@ def main() -> None:
     figures["audit_over_none_local"] = figures["local_audit"] / figures["local"]
     figures["audit_over_none_s3"] = figures["s3_audit"] / figures["s3"]
     figures["s3_over_local"] = figures["s3"] / figures["local"]
+    figures["persistent_over_restart"] = figures["local"] / figures["local_restart"]
     print(f"{os.cpu_count()} cores, {args.workers} loader workers, {args.images} images, 160 -> 128 px")
     for name in runs:
         print(f"  {name:12s} {figures[name]:8.0f} images/s")
-    for name in ("audit_over_none_local", "audit_over_none_s3", "s3_over_local"):
+    for name in ("audit_over_none_local", "audit_over_none_s3", "s3_over_local", "persistent_over_restart"):
         print(f"  {name:22s} {figures[name]:.3f}")
     if args.json:
         with open(args.json, "w") as f:

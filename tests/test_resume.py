@@ -56,6 +56,8 @@ def test_killed_mid_epoch_then_resumed_trains_each_sample_exactly_once(tmp_path,
     expected = audit(ref_dir)
     assert list(expected) == [f"epoch{e:03d}-rank000.txt" for e in range(3)]
     assert all(len(keys) == len(set(keys)) == 176 for keys in expected.values())  # 11 batches of 16
+    orders = list(expected.values())  # loader workers persist, and still see each epoch's plan
+    assert orders[0] != orders[1] != orders[2] and set(orders[0]) != set(orders[1])
 
     # Killed (SIGKILL, no cleanup) as step 14 starts: epoch 1, batch 3, after the step-12
     # checkpoint, with steps 13 and 14's batches already fetched and audited.

@@ -75,3 +75,10 @@ def test_jpeg_decoded_straight_to_a_tensor_matches_pil(mode):
     expected = F.resize(pil, [64, 64], antialias=True)
     assert whole.shape == (3, 64, 64)
     assert (whole.int() - expected.int()).abs().max() <= 2  # IDCT rounding may differ by a level
+
+
+def test_eval_transform_decodes_small_jpegs_straight_to_a_tensor_like_pil():
+    data, t = jpeg(96, 80), EvalTransform(64)  # resize to 73 px: no DCT reduction to gain
+    direct, pil = t(data), t.apply(Image.open(io.BytesIO(data)))
+    assert direct.shape == pil.shape == (3, 64, 64)
+    assert (direct.int() - pil.int()).abs().max() <= 2
