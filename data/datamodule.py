@@ -232,8 +232,8 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=part.batch_size,
             buffer_size=part.buffer_size,
         )
-        if not 0 < part.batches < len(trained):  # at an epoch's start or end: nothing to continue
-            return replace(plan, before=()), 0, 0
+        if part.batches >= len(trained) or not (part.batches or plan.before):
+            return replace(plan, before=()), 0, 0  # at an epoch's end or start: nothing to continue
         for key, now in (("seed", self.seed), ("index_sha256", self.index.sha256)):
             if saved[key] != now:
                 # Both reorder the epoch itself, so the samples already trained cannot be told.
