@@ -4,6 +4,7 @@ trainer, and training runs. The only place that instantiates from config; tests 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import lightning.pytorch as L
 from hydra.utils import instantiate
@@ -36,12 +37,23 @@ def build(cfg: DictConfig) -> tuple[ShardDataModule, ImageClassifier]:
     return datamodule, module
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit, and return the final validation metrics and the best checkpoint."""
+def train(
+    cfg: DictConfig,
+    ckpt_path: str | None = None,
+    trainer_args: dict | None = None,
+    callbacks: list[L.Callback] | None = None,
+    prepare: Callable[[L.Trainer], L.Trainer] | None = None,
+) -> dict:
+    """Fit, and return the final validation metrics and the best checkpoint.
+
+    A launcher adapts the trainer here rather than copying this function: Ray's passes the
+    checkpoint it restored (`ckpt_path`, instead of `cfg.resume`), its strategy and cluster
+    environment (`trainer_args`), a callback reporting checkpoints, and `prepare_trainer`.
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
 
-    ckpt_path = find_resume(cfg.resume, os.path.join(cfg.paths.log_dir, cfg.name))
+    ckpt_path = ckpt_path or find_resume(cfg.resume, os.path.join(cfg.paths.log_dir, cfg.name))
     run_ids = {}
     if ckpt_path:
         meta = load_checkpoint(ckpt_path)[KEY]
@@ -52,11 +64,15 @@ def train(cfg: DictConfig) -> dict:
     log_config(loggers, config, run_ids)
 
     index = datamodule.index
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks or [])
     callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256)))
     callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **(trainer_args or {})
+    )
+    if prepare:
+        trainer = prepare(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
