@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -214,6 +215,12 @@ class ShardStream(IterableDataset):
         # round-robin is at worker consumed % W, so loader worker i plays plan worker i + that.
         workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + consumed) % workers
+        if info is not None:
+            # Augmentations draw from the worker's torch RNG: seed it from the plan, not from the
+            # main process's RNG (whose state depends on what ran before, e.g. a launcher), so the
+            # same config crops the same way under any launcher, and again on a rerun.
+            key = [self.plan.seed, epoch, self.plan.rank, worker, consumed]
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         bad = BadSamples()
         samples = replace(self.plan, epoch=epoch).worker_samples(worker, consumed)
         read = read_planned(samples, self.urls, bad, self.missing)

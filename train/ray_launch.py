@@ -74,7 +74,7 @@ class ReportCheckpoints(Checkpoint):
 def _worker(config: dict) -> None:
     """One Ray Train worker: the local training path, adapted at its edges."""
     import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+    from ray.train.lightning import RayDDPStrategy, RayFSDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from train.console import one_log_stream
     from train.run import train
@@ -82,8 +82,12 @@ def _worker(config: dict) -> None:
     one_log_stream()
     cfg = OmegaConf.create(config["cfg"])
     restored = ray.train.get_checkpoint()
+    if cfg.launcher.strategy not in ("ddp", "fsdp"):
+        raise UserError(f"launcher.strategy={cfg.launcher.strategy}: expected ddp or fsdp")
     trainer_args = {
-        "strategy": RayDDPStrategy(),
+        # FSDP shards parameters, gradients and optimizer state across workers: for backbones
+        # whose training state does not fit one GPU. GPU only; DDP otherwise.
+        "strategy": RayFSDPStrategy() if cfg.launcher.strategy == "fsdp" else RayDDPStrategy(),
         "plugins": [RayLightningEnvironment()],
         "devices": "auto",
         "accelerator": "gpu" if cfg.launcher.use_gpu else "cpu",
