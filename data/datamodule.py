@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import cached_property
 from typing import Literal
 
 import lightning.pytorch as L
-import torch
-from torch.utils.data import DataLoader
 
 from data.audit import Audit
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
+from data.loader import PlannedLoader
 from data.plan import EpochPlan, Part
 from data.stream import ShardStream
 from data.transforms import EvalTransform, TrainTransform
@@ -26,47 +24,6 @@ from data.write import ensure_synthetic, synthetic_index
 warnings.filterwarnings(
     "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended"
 )
-
-
-class PlannedLoader(DataLoader):
-    """A DataLoader that settles the epoch, the plan and the resume position at the start of
-    every pass. Persistent workers keep the plan they started with and read each pass's epoch
-    and position from the stream's shared `position`; a pass under another plan (the first epoch
-    after an elastic resume) starts them afresh.
-
-    `settle(plan)` gives (the plan for this pass, batches Lightning counted before it, batches of
-    it already consumed); `length` says how many batches Lightning will count for the pass.
-    """
-
-    def __init__(
-        self,
-        stream: ShardStream,
-        settle: Callable[[EpochPlan], tuple[EpochPlan, int, int]],
-        length: Callable[[], int],
-        **kw,
-    ):
-        super().__init__(stream, batch_size=None, **kw)
-        self._settle, self._length = settle, length
-        self._workers_plan: EpochPlan | None = None  # what running persistent workers hold
-
-    def __len__(self) -> int:
-        return self._length()
-
-    def __iter__(self):
-        return self._batches()
-
-    def _batches(self):
-        # Decided at the first batch, not at iter(): Lightning creates an epoch's iterator
-        # before a restore has settled which epoch it is.
-        plan, _, consumed = self._settle(self.dataset.plan)
-        if self._iterator is not None and replace(plan, epoch=0) != self._workers_plan:
-            self._iterator._shutdown_workers()
-            self._iterator = None
-        if self._iterator is None:
-            self._workers_plan = replace(plan, epoch=0)
-        self.dataset.plan = plan
-        self.dataset.position.copy_(torch.tensor([plan.epoch, consumed]))
-        yield from super().__iter__()
 
 
 class ShardDataModule(L.LightningDataModule):
