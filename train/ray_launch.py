@@ -82,8 +82,6 @@ def _worker(config: dict) -> None:
     one_log_stream()
     cfg = OmegaConf.create(config["cfg"])
     restored = ray.train.get_checkpoint()
-    if cfg.launcher.strategy not in ("ddp", "fsdp"):
-        raise UserError(f"launcher.strategy={cfg.launcher.strategy}: expected ddp or fsdp")
     trainer_args = {
         # FSDP shards parameters, gradients and optimizer state across workers: for backbones
         # whose training state does not fit one GPU. GPU only; DDP otherwise.
@@ -108,6 +106,8 @@ def launch(cfg: DictConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     ray_cfg = cfg.launcher
+    if ray_cfg.strategy not in ("ddp", "fsdp"):
+        raise UserError(f"launcher.strategy={ray_cfg.strategy}: expected ddp or fsdp")
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON)}
     if not ray.is_initialized():
         # address null: the cluster this job runs in (RAY_ADDRESS, or one started on this
