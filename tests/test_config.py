@@ -123,3 +123,10 @@ def test_data_index_alone_trains_on_the_users_shards(compose, tmp_path, tiny_ind
 def test_shards_without_an_index_says_what_to_set(compose, tmp_path):
     with pytest.raises(UserError, match=r"data.index is not set: give your data set"):
         build(compose("data=shards", f"paths.output_dir={tmp_path}"))
+
+
+def test_ray_launcher_composes_and_a_bad_strategy_stops_before_ray_starts(compose, tmp_path):
+    cfg = compose("launcher=ray", "launcher.num_workers=4", "launcher.use_gpu=true")
+    assert (cfg.launcher.kind, cfg.launcher.num_workers, cfg.launcher.strategy) == ("ray", 4, "ddp")
+    bad = run_cli("launcher=ray", "launcher.strategy=zero3", cwd=tmp_path)
+    assert bad.returncode == 2 and "launcher.strategy=zero3: expected ddp or fsdp" in bad.stderr
