@@ -100,6 +100,17 @@ def test_two_workers_recover_from_a_killed_worker_and_train_each_sample_once(tmp
     assert len(list(run_dir.glob("csv/*/metrics.csv"))) == 2
     assert list((tmp_path / "outputs" / "ray" / "ray2").glob("checkpoint_*/checkpoint.ckpt"))
 
+    # The same command again (as after the driver itself died), with one more epoch: it goes on
+    # from the newest checkpoint under storage_path rather than starting over.
+    again = cli(
+        tmp_path, tiny_index, "name=ray2", "trainer.max_epochs=3", "logger=none", "launcher=ray",
+        "launcher.num_workers=2", f"launcher.address={address}", env=ray_head[2],
+    )  # fmt: skip
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert re.search(r"Restored all states from the checkpoint at \S+/ray/ray2/checkpoint_", log)
+    assert "ray: 2 workers finished at step 15" in log
+
 
 def test_failures_beyond_max_failures_stop_with_the_original_error(tmp_path, tiny_index, ray_head):
     address, _, env = ray_head
