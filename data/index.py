@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import fsspec
 
@@ -61,8 +62,9 @@ class DatasetIndex:
     extra: dict = field(default_factory=dict)  # e.g. how the set was made
     label: str = "cls"  # where samples keep their class: KEY.cls, or "json:FIELD" of KEY.json
 
-    @property
+    @cached_property
     def labels(self) -> Labels:
+        """The label reader every consumer shares (`data inspect` calls it per sample)."""
         return Labels(self.classes, self.label)
 
     def split(self, name: str) -> Split:
