@@ -1,0 +1,165 @@
+"""Defect vs good: the score, the threshold that meets a target escape rate, and what it costs.
+
+On a production line the classifier's question is binary: pass the part, or stop it. With the
+"defect" classes D (by default every class but the good one), a sample's defect score is
+
+    s = sum of the softmax probabilities of the classes in D          (= 1 - p(good))
+
+and the part is stopped when s >= threshold. Two rates describe a threshold t on an evaluation
+set with n defect and m good samples:
+
+    escape rate      = #{defect samples with s < t} / n     defects passed as good
+    false-alarm rate = #{good samples with s >= t} / m      good parts stopped
+
+`choose_threshold` returns the highest t whose escape rate is at most the target, which is the
+fewest false alarms that target allows. Pure numpy, so it is tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from data.errors import UserError
+
+# Escape-rate targets reported besides the chosen one, so a quality engineer sees the trade-off.
+TARGETS = (0.001, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a deployed model needs to stop or pass a part; stored in the model spec's `extra`."""
+
+    good: str
+    defect_classes: tuple[str, ...]
+    threshold: float  # on the defect score, 0..1: stop the part when score >= threshold
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "defect_classes": list(self.defect_classes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Decision:
+        return cls(d["good"], tuple(d["defect_classes"]), float(d["threshold"]))
+
+    def scores(self, probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """Defect scores (N,) from class probabilities (N, C) in `classes` order."""
+        columns = [classes.index(c) for c in self.defect_classes]
+        return np.asarray(probs, dtype=np.float64)[:, columns].sum(axis=1)
+
+
+def defect_classes(classes: Sequence[str], good: str, defect: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The defect classes: `defect` if given, else every class but `good`; names are checked."""
+    if good not in classes:
+        raise UserError(f"defect.good={good}: not a class of this model (its classes: {list(classes)})")
+    chosen = tuple(defect) if defect else tuple(c for c in classes if c != good)
+    unknown = [c for c in chosen if c not in classes]
+    if unknown or good in chosen or not chosen:
+        raise UserError(
+            f"defect.classes={list(chosen)}: give one or more of {[c for c in classes if c != good]} "
+            f"(not the good class {good!r}), or leave it null for every class but {good!r}"
+        )
+    return chosen
+
+
+def choose_threshold(defect_scores: np.ndarray, target_escape: float) -> float:
+    """The highest threshold that passes at most `target_escape` of the defect samples as good.
+
+    With the n defect scores sorted, d(1) <= ... <= d(n), at most k = floor(target × n) may
+    escape; t = d(k+1) lets exactly those below it escape (k, or fewer on ties), and any higher
+    t lets d(k+1) escape too.
+    """
+    if not 0 <= target_escape < 1:
+        raise UserError(f"defect.target_escape={target_escape}: expected a rate in [0, 1), e.g. 0.005")
+    scores = np.sort(np.asarray(defect_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise UserError("the evaluated split has no defect samples, so no threshold can be chosen")
+    allowed = math.floor(target_escape * scores.size + 1e-9)  # 1e-9: 0.005 × 200 is 1, not 0.99..
+    return float(scores[allowed])
+
+
+def operating_point(defect_scores: np.ndarray, good_scores: np.ndarray, threshold: float) -> dict:
+    """The counts and rates at `threshold`, with a 95% upper bound on the escape rate: on n
+    defects a rate is known only to about 1/n, which a target of 0.5% on 100 defects hides."""
+    defects, goods = np.asarray(defect_scores), np.asarray(good_scores)
+    escapes = int((defects < threshold).sum())
+    alarms = int((goods >= threshold).sum())
+    return {
+        "threshold": threshold,
+        "defects": int(defects.size),
+        "good": int(goods.size),
+        "escapes": escapes,
+        "false_alarms": alarms,
+        "escape_rate": escapes / max(1, defects.size),
+        "escape_rate_upper95": wilson_upper(escapes, int(defects.size)),
+        "false_alarm_rate": alarms / max(1, goods.size),
+    }
+
+
+def wilson_upper(k: int, n: int, z: float = 1.959964) -> float:
+    """Upper end of the Wilson score interval for k successes in n trials (95% two-sided)."""
+    if n == 0:
+        return 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def curves(defect_scores: np.ndarray, good_scores: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC and precision-recall of "defect" against "good", one point per distinct score (as a
+    threshold), thresholds descending: detection rate = 1 - escape rate (recall), false-alarm
+    rate, and precision of the stop decision."""
+    defects = np.asarray(defect_scores, dtype=np.float64)
+    goods = np.asarray(good_scores, dtype=np.float64)
+    scores = np.concatenate([defects, goods])
+    is_defect = np.concatenate([np.ones(defects.size, bool), np.zeros(goods.size, bool)])
+    order = np.argsort(-scores, kind="stable")
+    scores, is_defect = scores[order], is_defect[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each distinct score
+    caught = np.cumsum(is_defect)[last]  # defects with score >= threshold
+    alarms = np.cumsum(~is_defect)[last]
+    return {
+        "threshold": scores[last],
+        "detection_rate": caught / max(1, defects.size),
+        "false_alarm_rate": alarms / max(1, goods.size),
+        "precision": caught / np.maximum(1, caught + alarms),
+    }
+
+
+def area(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoid area under y(x), from the origin: ROC AUC with (false alarm, detection)."""
+    return float(np.trapezoid(np.r_[0.0, y], np.r_[0.0, x]))
+
+
+def report(
+    defect_scores: np.ndarray,
+    good_scores: np.ndarray,
+    target_escape: float,
+    threshold: float | None = None,
+) -> dict:
+    """The operating point at `threshold` (chosen for `target_escape` when None), the same at
+    the standard targets, ROC AUC and average precision."""
+    chosen = choose_threshold(defect_scores, target_escape) if threshold is None else float(threshold)
+    c = curves(defect_scores, good_scores)
+    recall_steps = np.diff(np.r_[0.0, c["detection_rate"]])
+    notes = []
+    if 0 < target_escape * len(defect_scores) < 1:
+        notes.append(
+            f"only {len(defect_scores)} defect samples: a {target_escape:.2%} escape rate needs at least "
+            f"{math.ceil(1 / target_escape)} to be told apart from zero, so this threshold lets none escape"
+        )
+    return {
+        "target_escape": target_escape,
+        "chosen_by": "target_escape" if threshold is None else "given threshold",
+        **operating_point(defect_scores, good_scores, chosen),
+        "roc_auc": area(c["false_alarm_rate"], c["detection_rate"]),
+        "average_precision": float((recall_steps * c["precision"]).sum()),
+        "at_targets": [
+            {"target_escape": t, **operating_point(defect_scores, good_scores, choose_threshold(defect_scores, t))}
+            for t in TARGETS
+        ],
+        "notes": notes,
+    }
