@@ -62,3 +62,33 @@ def make_cfg(tmp_path, tiny_index):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_index) -> str:
+    """A checkpoint of 2 epochs of test_resnet at 32 px on `tiny_index` (its best.ckpt path)."""
+    from train.run import train
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = compose_cfg(
+        f"paths.log_dir={root}/outputs",
+        f"paths.output_dir={root}/outputs/run",
+        "data=shards",
+        f"data.index={tiny_index}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "model.backbone=test_resnet",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "name=trained",
+    )
+    return train(cfg)["best_checkpoint"]
+
+
+def compose_named(config: str, *overrides: str):
+    """Another primary config of conf/ (evaluate, export) composed with overrides."""
+    with initialize_config_module("train.conf", version_base="1.3"):
+        return hydra_compose(config, overrides=list(overrides))

@@ -72,11 +72,11 @@ def test_defect_classes_default_to_all_but_good_and_names_are_checked():
     classes = ("ok", "scratch", "spot")
     assert defect_classes(classes, "ok") == ("scratch", "spot")
     assert defect_classes(classes, "ok", ["spot"]) == ("spot",)
-    with pytest.raises(UserError, match="defect.good=good: not a class"):
+    with pytest.raises(UserError, match=r"defect\.good=good: not a class"):
         defect_classes(classes, "good")
-    with pytest.raises(UserError, match="defect.classes"):
+    with pytest.raises(UserError, match=r"defect\.classes"):
         defect_classes(classes, "ok", ["dent"])
-    with pytest.raises(UserError, match="defect.classes"):
+    with pytest.raises(UserError, match=r"defect\.classes"):
         defect_classes(classes, "ok", ["ok", "spot"])
 
 
@@ -90,5 +90,5 @@ def test_scores_sum_the_defect_probabilities():
 def test_no_defects_or_a_bad_target_are_refused():
     with pytest.raises(UserError, match="no defect samples"):
         choose_threshold(np.array([]), 0.01)
-    with pytest.raises(UserError, match="target_escape=1.5"):
+    with pytest.raises(UserError, match=r"target_escape=1\.5"):
         choose_threshold(np.array([0.5]), 1.5)

@@ -120,6 +120,11 @@ def find_resume(resume: str | None, runs_dir: str) -> str | None:
 
 def check_resumable(path: str, meta: dict, spec: ModelSpec) -> None:
     """A checkpoint continues only the same network on the same classes."""
+    if meta.get("kind") == "model":
+        raise UserError(
+            f"cannot resume from {path}: it holds a model's weights only (written by evaluation), "
+            "not a training state; resume from a run's last.ckpt"
+        )
     saved = ModelSpec.from_dict(meta["model"])
     fields = ("backbone", "classes", "image_size")
     diff = [
@@ -134,12 +139,31 @@ def check_resumable(path: str, meta: dict, spec: ModelSpec) -> None:
         )
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
-    """A checkpoint as an eval-mode `Classifier` with `.predict(images)`; weights load safely
-    (`weights_only=True`) and the checkpoint's own preprocessing comes along."""
-    ckpt = load_checkpoint(path)
+def model_from_checkpoint(ckpt: dict) -> Classifier:
+    """The eval-mode network of a loaded checkpoint (training, or an evaluated `model.ckpt`)."""
     spec = ModelSpec.from_dict(ckpt[KEY]["model"])
     net = Classifier(build_backbone(spec.backbone, len(spec.classes)), spec)
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
-    return net.eval().to(device)
+    return net.eval()
+
+
+def save_model(path: str, net: Classifier, meta: dict) -> None:
+    """A deployable checkpoint: the network's weights and `meta` (spec, lineage, evaluation), no
+    optimizer or loop state. Loads with `load_model`; written beside and renamed over."""
+    state = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
+    meta = {**meta, "model": net.spec.to_dict(), "kind": "model"}
+    torch.save({"state_dict": state, KEY: meta}, path + ".partial")
+    os.replace(path + ".partial", path)
+
+
+def load_model(path: str, device: str | torch.device = "cpu"):
+    """A model with `.predict(images)`, from a checkpoint (`.ckpt`: an eval-mode `Classifier`,
+    weights loaded with `weights_only=True`) or an exported bundle directory (ONNX through
+    onnxruntime, TorchScript); either way the model's own preprocessing and decision threshold
+    come along, so the two compare directly."""
+    if os.path.isdir(path) or os.path.basename(path) == "preprocess.json":
+        from train.bundle import load_bundle
+
+        return load_bundle(path, device)
+    return model_from_checkpoint(load_checkpoint(path)).to(device)

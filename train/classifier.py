@@ -4,7 +4,6 @@ plus the plain-data spec that rebuilds it and preprocesses images the way traini
 from __future__ import annotations
 
 import difflib
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -104,29 +103,13 @@ class Classifier(nn.Module):
 
     @torch.inference_mode()
     def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
-        """Class probabilities for image paths, PIL images or uint8 (3, H, W) tensors (one, or a
-        list), preprocessed as the checkpoint's eval transform does:
-        `{"label": "scratch", "score": 0.97, "probs": {"ok": 0.01, "scratch": 0.97, ...}}`."""
-        from data.transforms import EvalTransform
+        """See `train.predict.predict`: paths, PIL images or uint8 tensors in, one dict per image."""
+        from train.predict import predict
 
-        single = not isinstance(images, list | tuple)
-        images = [images] if single else list(images)
-        transform = EvalTransform(self.spec.image_size, self.spec.crop_pct)
-        device = self.mean.device
-        results = []
-        for i in range(0, len(images), batch_size):
-            batch = torch.stack([transform.apply(_as_image(x)) for x in images[i : i + batch_size]])
-            probs = self(batch.to(device)).float().softmax(dim=1).cpu()  # (B, classes)
-            for row in probs.tolist():
-                best = max(range(len(row)), key=row.__getitem__)
-                results.append(
-                    {
-                        "label": self.spec.classes[best],
-                        "score": row[best],
-                        "probs": dict(zip(self.spec.classes, row)),
-                    }
-                )
-        return results[0] if single else results
+        def probs(batch: torch.Tensor):  # uint8 (B, 3, S, S) → (B, C)
+            return self(batch.to(self.mean.device)).float().softmax(dim=1).cpu().numpy()
+
+        return predict(images, self.spec, probs, batch_size)
 
 
 def spec_for(
@@ -137,18 +120,3 @@ def spec_for(
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
     return ModelSpec(backbone, tuple(classes), image_size, crop_pct, mean, std)
-
-
-def _as_image(x):
-    from PIL import Image
-
-    if isinstance(x, str | os.PathLike):
-        with open(x, "rb") as f:  # left unloaded: the eval transform picks a reduced JPEG scale
-            return Image.open(io.BytesIO(f.read()))
-    if isinstance(x, Image.Image):
-        return x
-    if isinstance(x, torch.Tensor):
-        if x.dtype != torch.uint8:  # float images are taken as 0..1, the torchvision convention
-            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-        return x
-    raise TypeError(f"predict takes paths, PIL images or (3, H, W) tensors, not {type(x).__name__}")

@@ -88,8 +88,8 @@ def operating_point(defect_scores: np.ndarray, good_scores: np.ndarray, threshol
     alarms = int((goods >= threshold).sum())
     return {
         "threshold": threshold,
-        "defects": int(defects.size),
-        "good": int(goods.size),
+        "defect_samples": int(defects.size),
+        "good_samples": int(goods.size),
         "escapes": escapes,
         "false_alarms": alarms,
         "escape_rate": escapes / max(1, defects.size),
@@ -158,8 +158,9 @@ def report(
         "roc_auc": area(c["false_alarm_rate"], c["detection_rate"]),
         "average_precision": float((recall_steps * c["precision"]).sum()),
         "at_targets": [
-            {"target_escape": t, **operating_point(defect_scores, good_scores, choose_threshold(defect_scores, t))}
+            {"target_escape": t, **operating_point(defect_scores, good_scores, thr)}
             for t in TARGETS
+            for thr in [choose_threshold(defect_scores, t)]
         ],
         "notes": notes,
     }

@@ -26,15 +26,20 @@ SIGNED_QUERY = re.compile(
 REDACTED = "<redacted>"
 
 
-def build_loggers(configs: Mapping | None, run_ids: Mapping[str, str]) -> list[Logger]:
+def build_loggers(
+    configs: Mapping | None, run_ids: Mapping[str, str], run_name: str | None = None
+) -> list[Logger]:
     """One logger per entry of `logger:` (`logger=[csv,mlflow]` chooses several). `run_ids` are
-    the tracker run ids a checkpoint recorded; a resumed run logs into the same runs."""
+    the tracker run ids a checkpoint recorded; a resumed run logs into the same runs. `run_name`
+    names a new MLflow or wandb run (an evaluation's, say)."""
     loggers = []
     for cfg in (configs or {}).values():
         kwargs = {}
         target = cfg["_target_"].rsplit(".", 1)[-1]
         if target == "MLFlowLogger" and run_ids.get("mlflow"):
             kwargs["run_id"] = run_ids["mlflow"]
+        if run_name and target in ("MLFlowLogger", "WandbLogger"):
+            kwargs["run_name" if target == "MLFlowLogger" else "name"] = run_name
         if target == "WandbLogger":
             if run_ids.get("wandb"):
                 kwargs.update(id=run_ids["wandb"], resume="allow")
@@ -61,6 +66,39 @@ def finish(loggers: list[Logger]) -> None:
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def log_report(
+    loggers: list[Logger], metrics: dict[str, float], files: list[str], tags: dict[str, str]
+) -> None:
+    """An evaluation's metrics to every tracker, and its files (metrics.json, plots) as MLflow
+    artifacts under `evaluation/` or wandb files and images; then the runs are closed."""
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        kind = type(logger).__name__
+        if kind == "MLFlowLogger":
+            client, run = logger.experiment, logger.run_id
+            for key, value in tags.items():
+                client.set_tag(run, key, value)
+            for path in files:
+                client.log_artifact(run, path, "evaluation")
+        elif kind == "WandbLogger":
+            import wandb
+
+            run = logger.experiment
+            run.summary.update(tags)
+            run.log(
+                {
+                    os.path.basename(p).removesuffix(".png"): wandb.Image(p)
+                    for p in files
+                    if p.endswith(".png")
+                }
+            )
+            for path in files:
+                run.save(path, base_path=os.path.dirname(path), policy="now")
+        logger.save()
+        logger.finalize("success")
+    finish(loggers)
 
 
 def run_ids(loggers: list[Logger]) -> dict[str, str]:

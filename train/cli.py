@@ -1,0 +1,30 @@
+"""What the command-line entry points share (`python -m train`, `train.evaluate`, `train.export`):
+where Hydra finds conf/, one console stream, and one way to report a user's mistake."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from data.errors import UserError, message
+from train.console import one_log_stream
+
+log = logging.getLogger("train")
+# conf/ beside this package in a source tree (a checkout, or `ray job submit --working-dir .`,
+# which ships the tree and imports `train` from it); inside an installed wheel it is train.conf.
+_SOURCE_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+CONFIG_PATH = "../conf" if os.path.isfile(os.path.join(_SOURCE_CONF, "train.yaml")) else "pkg://train.conf"
+
+
+def run_cli(command: Callable[[DictConfig], object], cfg: DictConfig) -> object:
+    """Run `command(cfg)`; a UserError prints as one line (no traceback) and exits 2."""
+    one_log_stream()
+    try:
+        return command(cfg)
+    except UserError as e:
+        log.error("error: %s", message(e))
+        sys.exit(2)
