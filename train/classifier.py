@@ -98,7 +98,8 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
+        # In the weights' float type: float32, or float16 in a half-precision export
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
         return self.backbone(x)
 
     @torch.inference_mode()

@@ -1,0 +1,178 @@
+"""`python -m train.export`: bundles that score real images as the checkpoint does."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_named
+from PIL import Image
+
+from data.errors import UserError
+from data.index import load_index
+from data.samples import read_shard
+from data.transforms import EvalTransform
+from train import load_model
+from train.evaluate import evaluate
+from train.export import export
+
+
+@pytest.fixture(scope="module")
+def model_ckpt(trained, tmp_path_factory) -> str:
+    """The evaluated model.ckpt (weights + defect threshold) of the session's trained checkpoint."""
+    out = tmp_path_factory.mktemp("evaluated") / "report"
+    evaluate(compose_named("evaluate", f"ckpt={trained}", f"out={out}", "trainer=cpu", "data.num_workers=0"))
+    return str(out / "model.ckpt")
+
+
+@pytest.fixture(scope="module")
+def val_images(tiny_index) -> list[bytes]:
+    index = load_index(tiny_index)
+    return [s["jpg"] for shard in index.split("val").shards for s in read_shard(index.shard_url(shard))]
+
+
+def export_cfg(ckpt: str, out, *overrides: str):
+    return compose_named("export", f"ckpt={ckpt}", f"out={out}", "parity.samples=24", *overrides)
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(model_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "bundle"
+    cmd = [sys.executable, "-m", "train.export", f"ckpt={model_ckpt}", "format=onnx", f"out={out}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "parity at batch 16 on 60 images: top-1 agreement 1.0000" in run.stdout
+    return out
+
+
+def test_onnx_bundle_has_dynamic_batch_and_passes_parity(onnx_bundle):
+    import onnx
+
+    assert sorted(p.name for p in onnx_bundle.iterdir()) == ["model.onnx", "parity.json", "preprocess.json"]
+    parity = json.loads((onnx_bundle / "parity.json").read_text())
+    assert (
+        parity["passed"] and parity["images"] == 60 and parity["checks"]["onnx_checker"].startswith("passed")
+    )
+    for batch in ("1", "16"):
+        assert parity["batches"][batch]["top1_agreement"] == 1.0
+        assert parity["batches"][batch]["max_abs_diff"] <= 1e-4 == parity["tolerance"]["max_abs_diff"]
+    (graph_input,) = onnx.load(onnx_bundle / "model.onnx").graph.input
+    dims = graph_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_bundle_predicts_like_the_checkpoint_with_its_threshold(onnx_bundle, model_ckpt, val_images):
+    bundle, checkpoint = load_model(str(onnx_bundle)), load_model(model_ckpt)
+    images = [Image.open(io.BytesIO(b)) for b in val_images]
+    ours, theirs = checkpoint.predict(images), bundle.predict(images)
+    assert [r["label"] for r in theirs] == [r["label"] for r in ours]
+    assert [r["defect"] for r in theirs] == [r["defect"] for r in ours]
+    assert max(abs(a["defect_score"] - b["defect_score"]) for a, b in zip(ours, theirs)) < 1e-5
+    info = json.loads((onnx_bundle / "preprocess.json").read_text())
+    assert info["decision"] == checkpoint.spec.extra["decision"] and info["classes"] == list(
+        checkpoint.spec.classes
+    )
+    assert bundle.spec == checkpoint.spec  # so the bundle's preprocessing is the checkpoint's
+    assert info["source"]["evaluation"]["defect"]["threshold"] == info["decision"]["threshold"]
+
+
+def test_preprocess_json_alone_reproduces_the_preprocessing(onnx_bundle, model_ckpt, val_images):
+    """What an edge engineer writes from preprocess.json with PIL alone gets the checkpoint's pixels."""
+    info = json.loads((onnx_bundle / "preprocess.json").read_text())
+    resize, crop = info["preprocess"][1], info["preprocess"][2]
+    spec = load_model(model_ckpt).spec
+    ours = EvalTransform(spec.image_size, spec.crop_pct)
+    for data in val_images[:10]:
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        scale = resize["size"] / min(im.size)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
+        w, h = crop["size"]
+        left, top = round((im.width - w) / 2), round((im.height - h) / 2)
+        theirs = torch.from_numpy(np.asarray(im.crop((left, top, left + w, top + h)))).permute(2, 0, 1)
+        diff = (ours(data).int() - theirs.int()).abs().float()
+        assert diff.mean() < 1.5 and theirs.shape == (3, spec.image_size, spec.image_size)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_torchscript_parity(model_ckpt, tmp_path, precision, val_images):
+    report = export(export_cfg(model_ckpt, tmp_path / "ts", "format=torchscript", f"precision={precision}"))
+    assert report["passed"] and report["precision"] == precision
+    tolerance = {"fp32": 1e-4, "fp16": 1e-2}[precision]
+    assert report["tolerance"]["max_abs_diff"] == tolerance
+    assert all(b["max_abs_diff"] <= tolerance for b in report["batches"].values())
+    scripted = torch.jit.load(tmp_path / "ts" / "model.pt")
+    x = torch.stack([EvalTransform(32)(b) for b in val_images[:3]])
+    probs = scripted(x)
+    assert probs.shape == (3, 5) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-3)
+
+
+def test_coreml_converts_and_validates_and_parity_waits_for_a_mac(model_ckpt, tmp_path):
+    pytest.importorskip("coremltools")
+    report = export(export_cfg(model_ckpt, tmp_path / "ml", "format=coreml"))
+    assert report["checks"]["coreml_spec"].startswith("valid mlprogram")
+    assert (tmp_path / "ml" / "model.mlpackage" / "Manifest.json").is_file()
+    if sys.platform != "darwin":
+        assert "only on macOS" in report["skipped"] and not report["batches"]
+        with pytest.raises(UserError, match="Core ML runs models only on macOS"):
+            load_model(str(tmp_path / "ml"))
+    else:
+        assert report["passed"]
+
+
+def test_registry_round_trip(model_ckpt, tmp_path, val_images, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a deployment job finds the registry
+    for _ in range(2):
+        out = tmp_path / f"b{_}"
+        export(
+            export_cfg(
+                model_ckpt,
+                out,
+                "format=torchscript",
+                "register=surface-inspection",
+                f"mlflow.tracking_uri={uri}",
+            )
+        )
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    versions = client.search_model_versions("name='surface-inspection'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    v = client.get_model_version("surface-inspection", "2")
+    threshold = load_model(model_ckpt).spec.extra["decision"]["threshold"]
+    assert float(v.tags["threshold"]) == threshold and v.tags["format"] == "torchscript"
+    assert client.get_run(v.run_id).data.metrics["parity/batch1/top1_agreement"] == 1.0
+    assert "defect/escape_rate" in client.get_run(v.run_id).data.metrics
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/surface-inspection/2", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+    )
+    images = [Image.open(io.BytesIO(b)) for b in val_images[:8]]
+    fetched = load_model(local).predict(images)
+    assert [r["label"] for r in fetched] == [r["label"] for r in load_model(model_ckpt).predict(images)]
+
+
+def test_a_failed_parity_publishes_nothing(model_ckpt, tmp_path):
+    with pytest.raises(UserError, match="does not reproduce the checkpoint"):
+        export(export_cfg(model_ckpt, tmp_path / "b", "format=torchscript", "parity.tolerance=1e-30"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("format=tflite", "format=tflite: expected one of onnx, torchscript, coreml"),
+        ("precision=int8", "precision=int8: expected fp32 or fp16"),
+        ("data.index=/nowhere", "/nowhere"),
+    ],
+)
+def test_bad_input_gets_one_message(model_ckpt, tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        export(export_cfg(model_ckpt, tmp_path / "b", override))
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,181 @@
+"""An export bundle: a model file plus `preprocess.json`, everything an edge box needs to score
+images as the checkpoint did, and `load_bundle`, which runs one with the same `predict` API.
+
+    out/model.onnx | model.pt | model.mlpackage
+    out/preprocess.json    how to turn an image into the model's input, what the output means,
+                           the classes and the defect decision (below)
+    out/parity.json        how closely the export reproduced the checkpoint, on real images
+
+The model takes the preprocessed image itself: uint8 RGB pixels (N, 3, S, S), or an RGB image
+for Core ML; normalisation and softmax run inside, so the output is class probabilities (N, C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from data.errors import UserError
+from train.classifier import ModelSpec
+from train.predict import predict
+
+FORMAT = "shardtrain.bundle"
+FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "coreml": "model.mlpackage"}
+PREPROCESS = "preprocess.json"
+
+
+def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
+    """preprocess.json: enough for someone with only this file and an image library to feed
+    the model exactly as training evaluated."""
+    resize = int(spec.image_size / spec.crop_pct)  # math.floor, as data.transforms.EvalTransform
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "model": {"file": FILES[fmt], "format": fmt, "precision": precision, "backbone": spec.backbone},
+        "input": {
+            "name": "images",
+            "type": "image (RGB)" if fmt == "coreml" else "uint8",
+            "layout": "NCHW",
+            "shape": ["batch", 3, spec.image_size, spec.image_size],
+            "channel_order": "RGB",
+            "range": [0, 255],
+        },
+        "preprocess": [
+            {"op": "decode", "to": "RGB, 8 bits per channel (grey and palette images converted)"},
+            {"op": "resize_short_side", "size": resize, "interpolation": "bilinear", "antialias": True},
+            {"op": "center_crop", "size": [spec.image_size, spec.image_size]},
+        ],
+        "image_size": spec.image_size,
+        "crop_pct": spec.crop_pct,
+        "normalize": {
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "scale": "pixel / 255",
+            "where": "inside the model: feed raw pixels",
+        },
+        "output": {
+            "name": "probs",
+            "shape": ["batch", len(spec.classes)],
+            "meaning": "softmax probabilities",
+        },
+        "classes": list(spec.classes),
+        "decision": spec.extra.get("decision"),
+        "decision_rule": "stop the part when the sum of the probabilities of decision.defect_classes is "
+        ">= decision.threshold",
+        "source": source,
+    }
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """torch >= 2.10 warns at every TorchScript call that it is deprecated; export says it once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def spec_of(info: dict) -> ModelSpec:
+    n = info["normalize"]
+    extra = {"decision": info["decision"]} if info.get("decision") else {}
+    return ModelSpec(
+        info["model"]["backbone"],
+        tuple(info["classes"]),
+        info["image_size"],
+        info["crop_pct"],
+        tuple(n["mean"]),
+        tuple(n["std"]),
+        extra,
+    )
+
+
+class BundleModel:
+    """An exported bundle with the `predict` of a checkpoint's `Classifier`; calling it on a
+    uint8 batch (N, 3, S, S) gives probabilities (N, C) as a numpy array."""
+
+    def __init__(self, directory: str, info: dict, run: Callable[[torch.Tensor], np.ndarray]):
+        self.directory, self.info, self._run = directory, info, run
+        self.spec = spec_of(info)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self._run(images)
+
+    def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
+        """See `train.predict.predict`: paths, PIL images or uint8 tensors in, one dict per image."""
+        return predict(images, self.spec, self._run, batch_size)
+
+    def __repr__(self) -> str:
+        return f"BundleModel({self.directory!r}, {self.info['model']['format']})"
+
+
+def load_bundle(path: str, device: str | torch.device = "cpu") -> BundleModel:
+    directory = os.path.dirname(path) if os.path.basename(path) == PREPROCESS else path
+    described = os.path.join(directory, PREPROCESS)
+    if not os.path.isfile(described):
+        raise UserError(
+            f"{directory}: no {PREPROCESS}, so not an export bundle (make one with python -m train.export)"
+        )
+    with open(described) as f:
+        info = json.load(f)
+    if info.get("format") != FORMAT:
+        raise UserError(f"{described}: not a shardtrain bundle description (format {info.get('format')!r})")
+    fmt = info["model"]["format"]
+    model_file = os.path.join(directory, info["model"]["file"])
+    if fmt == "onnx":
+        return BundleModel(directory, info, _onnx_runner(model_file, str(device)))
+    if fmt == "torchscript":
+        with quiet_torchscript():
+            module = torch.jit.load(model_file, map_location=device).eval()
+
+        def run(images: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode():
+                return module(images.to(device)).float().cpu().numpy()
+
+        return BundleModel(directory, info, run)
+    if fmt == "coreml":
+        return BundleModel(directory, info, _coreml_runner(model_file))
+    raise UserError(f"{described}: unknown model format {fmt!r}")
+
+
+def _onnx_runner(model_file: str, device: str) -> Callable[[torch.Tensor], np.ndarray]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("an ONNX bundle runs with onnxruntime: pip install onnxruntime") from None
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(model_file, providers=providers)
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        return session.run(["probs"], {"images": images.cpu().numpy()})[0]
+
+    return run
+
+
+def _coreml_runner(model_file: str) -> Callable[[torch.Tensor], np.ndarray]:
+    if sys.platform != "darwin":
+        raise UserError(
+            f"{model_file}: Core ML runs models only on macOS (and iOS); on Linux a Core ML bundle can be "
+            "converted and validated, not run"
+        )
+    import coremltools as ct
+    from PIL import Image
+
+    model = ct.models.MLModel(model_file)
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        # The model takes one RGB image at a time, as Vision feeds it on a device.
+        rows = []
+        for image in images:
+            pixels = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+            rows.append(np.asarray(model.predict({"images": pixels})["probs"]).reshape(-1))
+        return np.stack(rows)
+
+    return run

@@ -1,0 +1,273 @@
+"""`python -m train.export ckpt=PATH format=onnx|torchscript|coreml out=DIR`: a deployable bundle
+(see train/bundle.py), checked against the checkpoint on real images before it is published.
+
+    checkpoint ──▶ Probabilities (uint8 in, softmax out) ──▶ model file (ONNX: dynamic batch,
+    checked by onnx.checker; TorchScript: traced; Core ML: mlprogram, spec validated)
+          │                                                     │
+    real images of the data set (eval transform) ──▶ both ──▶ parity.json ──▶ published, or refused
+
+A bundle whose parity fails is not published: the command exits 2 with the figures.
+`register=NAME` also makes the bundle the next version of an MLflow registered model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import sys
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from data.errors import UserError
+from train import bundle
+from train.checkpoint import KEY, load_checkpoint, model_from_checkpoint
+from train.classifier import Classifier
+from train.cli import CONFIG_PATH, run_cli
+from train.outputs import check_out, published
+
+log = logging.getLogger("train")
+# Largest difference in any class probability, export against checkpoint. fp16 carries 11
+# significant bits (about 3 decimal digits), so its outputs differ by up to ~1e-3 on deep nets.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+NEEDS = {
+    "onnx": "onnx, onnxscript and onnxruntime",
+    "torchscript": None,
+    "coreml": "coremltools",
+}
+
+
+class Probabilities(nn.Module):
+    """The exported function: preprocessed pixels (N, 3, S, S), uint8 or float 0..255 → class
+    probabilities (N, C), float32. Normalisation and softmax inside, so no runtime forgets them."""
+
+    def __init__(self, net: Classifier):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).float().softmax(dim=1)
+
+
+def parity_images(index_url: str, split: str, n: int, size: int, crop_pct: float) -> torch.Tensor:
+    """The first `n` decodable images of `split`, through the eval transform: uint8 (n, 3, S, S)."""
+    from data.index import load_index
+    from data.samples import BadSample, image_bytes, read_shard
+    from data.transforms import EvalTransform
+
+    index = load_index(index_url)
+    transform = EvalTransform(size, crop_pct)
+    images = []
+    for shard in index.split(split).shards:
+        for sample in read_shard(index.shard_url(shard)):
+            try:
+                images.append(transform(image_bytes(sample)))
+            except (BadSample, OSError, ValueError):
+                continue  # parity needs images the model can see; bad ones are `data verify`'s
+            if len(images) == n:
+                return torch.stack(images)
+    if not images:
+        raise UserError(f"no decodable image in split {split!r} of {index.location} to check parity on")
+    return torch.stack(images)
+
+
+def convert(model: Probabilities, fmt: str, path: str, example: torch.Tensor) -> dict:
+    """Write `model` to `path` in `fmt`; returns what the format's own checks said."""
+    if fmt == "onnx":
+        import onnx
+
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            dynamo=True,
+            input_names=["images"],
+            output_names=["probs"],
+            dynamic_shapes={"images": {0: batch}},
+            external_data=False,  # one file: the bundle's model is model.onnx alone
+            verbose=False,
+        )
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto, full_check=True)
+        return {"onnx_checker": "passed (full_check)", "opset": proto.opset_import[0].version}
+    if fmt == "torchscript":
+        log.info(
+            "TorchScript is deprecated since torch 2.10 (it still loads in libtorch); ONNX is the format "
+            "with a future"
+        )
+        with torch.no_grad(), bundle.quiet_torchscript():
+            traced = torch.jit.freeze(torch.jit.trace(model, example))
+        traced.save(path)
+        return {"traced_with_batch": len(example)}
+    return _coreml(model, path, example)
+
+
+def _coreml(model: Probabilities, path: str, example: torch.Tensor) -> dict:
+    import coremltools as ct
+
+    half = model.net.mean.dtype == torch.float16
+    model = copy.deepcopy(model).float()  # Core ML converts float32 graphs; fp16 is its own option
+    size = example.shape[-1]
+    with torch.no_grad(), bundle.quiet_torchscript():
+        traced = torch.jit.trace(model, example[:1].float())
+    ml = ct.convert(
+        traced,
+        inputs=[ct.ImageType(name="images", shape=(1, 3, size, size), color_layout=ct.colorlayout.RGB)],
+        outputs=[ct.TensorType(name="probs")],
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
+        minimum_deployment_target=ct.target.iOS16,
+    )
+    ml.user_defined_metadata["classes"] = json.dumps(list(model.net.spec.classes))
+    ml.save(path)
+    # Validation that runs anywhere: the saved package loads as an ML program with our interface.
+    spec = ct.models.MLModel(path, skip_model_load=True).get_spec()
+    problems = []
+    if spec.WhichOneof("Type") != "mlProgram":
+        problems.append(f"type {spec.WhichOneof('Type')}, expected mlProgram")
+    (inp,), (out,) = spec.description.input, spec.description.output
+    image = inp.type.imageType
+    if inp.name != "images" or (image.width, image.height) != (size, size):
+        problems.append(f"input {inp.name} {image.width}x{image.height}, expected images {size}x{size}")
+    if out.name != "probs":
+        problems.append(f"output {out.name}, expected probs")
+    if problems:
+        raise UserError(f"Core ML conversion produced an unexpected model: {'; '.join(problems)}")
+    return {"coreml_spec": f"valid mlprogram, specification version {spec.specificationVersion}"}
+
+
+def check_parity(reference: np.ndarray, exported: np.ndarray, tolerance: float) -> dict:
+    """Top-1 agreement and largest probability difference. A top-1 disagreement counts as a
+    failure unless the checkpoint's own top two lie within 2 × tolerance (a near-tie that the
+    allowed rounding may flip, only possible at fp16)."""
+    diff = float(np.abs(reference - exported).max())
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    agree = reference.argmax(axis=1) == exported.argmax(axis=1)
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * tolerance
+    return {
+        "max_abs_diff": diff,
+        "top1_agreement": float(agree.mean()),
+        "top1_agreement_where_decided": float(agree[decided].mean()) if decided.any() else 1.0,
+        "passed": bool(diff <= tolerance and agree[decided].all()),
+    }
+
+
+def export(cfg: DictConfig) -> dict:
+    """Write and check the bundle; return parity.json's content."""
+    if not cfg.ckpt:
+        raise UserError("ckpt is not set: give the checkpoint to export (ckpt=outputs/.../model.ckpt)")
+    fmt, precision = str(cfg.format), str(cfg.precision)
+    if fmt not in bundle.FILES:
+        raise UserError(f"format={fmt}: expected one of {', '.join(bundle.FILES)}")
+    if precision not in TOLERANCE:
+        raise UserError(f"precision={precision}: expected fp32 or fp16")
+    _check_installed(fmt)
+    out = check_out(cfg.out, cfg.overwrite)
+    ckpt = load_checkpoint(cfg.ckpt)
+    meta = ckpt[KEY]
+    net = model_from_checkpoint(ckpt)
+    spec = net.spec
+    if not spec.extra.get("decision"):
+        log.warning(
+            "%s carries no defect threshold: export the model.ckpt that python -m train.evaluate writes "
+            "to ship one",
+            cfg.ckpt,
+        )
+    index = cfg.data.index or meta["lineage"]["dataset"]["index"]
+    images = parity_images(index, cfg.parity.split, cfg.parity.samples, spec.image_size, spec.crop_pct)
+    with torch.inference_mode():
+        reference = Probabilities(net)(images).numpy()  # (n, C): the checkpoint in fp32, eager
+    model = Probabilities(copy.deepcopy(net).half() if precision == "fp16" else net).eval()
+    tolerance = float(cfg.parity.tolerance or TOLERANCE[precision])
+
+    with published(out) as tmp:
+        checks = convert(model, fmt, os.path.join(tmp, bundle.FILES[fmt]), images[:2])
+        source = _source(cfg.ckpt, meta, index)
+        with open(os.path.join(tmp, bundle.PREPROCESS), "w") as f:
+            json.dump(bundle.describe(spec, fmt, precision, source), f, indent=2)
+        report = {
+            "format": fmt,
+            "precision": precision,
+            "images": len(images),
+            "data": {"index": index, "split": cfg.parity.split},
+            "tolerance": {"max_abs_diff": tolerance, "top1_agreement": 1.0},
+            "checks": checks,
+            "batches": {},
+        }
+        if fmt == "coreml" and sys.platform != "darwin":
+            report["skipped"] = (
+                "Core ML runs models only on macOS: conversion and spec validation ran here; run the same "
+                "export on a Mac for the parity check"
+            )
+            log.warning("parity skipped: %s", report["skipped"])
+        else:
+            exported = bundle.load_bundle(tmp)  # the loader users call, on the files just written
+            chunk = min(len(images), 16)
+            for batch in (1, chunk) if fmt != "coreml" else (1,):
+                got = np.concatenate([exported(images[i : i + batch]) for i in range(0, len(images), batch)])
+                report["batches"][str(batch)] = check_parity(reference, got, tolerance)
+        report["passed"] = all(b["passed"] for b in report["batches"].values())
+        with open(os.path.join(tmp, "parity.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        if report["batches"] and not report["passed"]:
+            raise UserError(
+                f"the {fmt} export does not reproduce the checkpoint, so it was not written: {report}"
+            )
+    for batch, r in report["batches"].items():
+        log.info(
+            "parity at batch %s on %d images: top-1 agreement %.4f, max |Δp| %.2e (tolerance %.0e)",
+            batch,
+            len(images),
+            r["top1_agreement"],
+            r["max_abs_diff"],
+            tolerance,
+        )
+    log.info("bundle written to %s", out)
+    if cfg.register:
+        from train.registry import register
+
+        register(out, str(cfg.register), cfg.mlflow.tracking_uri, meta, report)
+    return report
+
+
+def _check_installed(fmt: str) -> None:
+    import importlib.util
+
+    modules = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "coreml": ("coremltools",)}.get(fmt, ())
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"format={fmt} needs {NEEDS[fmt]} (missing: {', '.join(missing)}): "
+            f"pip install {' '.join(missing)}, or pip install -e '.[export]'"
+        )
+
+
+def _source(ckpt_path: str, meta: dict, index: str) -> dict:
+    """Where the bundle came from, for an auditor: the checkpoint file and its lineage."""
+    with open(ckpt_path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    lineage = meta["lineage"]
+    return {
+        "checkpoint": os.path.abspath(ckpt_path),
+        "checkpoint_sha256": digest,
+        "dataset": lineage["dataset"],
+        "code_version": lineage["code_version"],
+        "evaluation": meta.get("evaluation"),
+        "exported_with": {"torch": torch.__version__},
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def main(cfg: DictConfig) -> None:
+    run_cli(export, cfg)
+
+
+if __name__ == "__main__":
+    main()
