@@ -4,6 +4,12 @@ composed and shrunk (tiny timm model, 32 px, one CPU epoch) the way a user would
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 from hydra import compose as hydra_compose
@@ -92,3 +98,41 @@ def compose_named(config: str, *overrides: str):
     """Another primary config of conf/ (evaluate, export) composed with overrides."""
     with initialize_config_module("train.conf", version_base="1.3"):
         return hydra_compose(config, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking and registry server on 127.0.0.1 (artifacts proxied through it):
+    the one .ci/run started (SHARDTRAIN_TEST_MLFLOW_URI), or one started here."""
+    uri = os.environ.get("SHARDTRAIN_TEST_MLFLOW_URI")
+    if uri:
+        yield uri
+        return
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += [
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # it takes about 10 s on 2 busy cores
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited at start"
+                time.sleep(0.25)
+        else:
+            raise AssertionError("mlflow server did not answer within 60 s")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

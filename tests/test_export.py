@@ -126,32 +126,28 @@ def test_coreml_converts_and_validates_and_parity_waits_for_a_mac(model_ckpt, tm
         assert report["passed"]
 
 
-def test_registry_round_trip(model_ckpt, tmp_path, val_images, monkeypatch):
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_registry_round_trip(model_ckpt, tmp_path, val_images, monkeypatch, request, store):
     import mlflow
 
+    # A local database, or a real MLflow server over HTTP with artifacts proxied through it.
     uri = f"sqlite:///{tmp_path}/registry.db"
+    if store == "server":
+        uri = request.getfixturevalue("mlflow_server")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a deployment job finds the registry
-    for _ in range(2):
-        out = tmp_path / f"b{_}"
-        export(
-            export_cfg(
-                model_ckpt,
-                out,
-                "format=torchscript",
-                "register=surface-inspection",
-                f"mlflow.tracking_uri={uri}",
-            )
-        )
+    name = f"surface-inspection-{tmp_path.name}"  # a server outlives the test: a name of its own
+    for n in range(2):
+        export(export_cfg(model_ckpt, tmp_path / f"b{n}", "format=torchscript", f"register={name}"))
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    versions = client.search_model_versions("name='surface-inspection'")
+    versions = client.search_model_versions(f"name='{name}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    v = client.get_model_version("surface-inspection", "2")
+    v = client.get_model_version(name, "2")
     threshold = load_model(model_ckpt).spec.extra["decision"]["threshold"]
     assert float(v.tags["threshold"]) == threshold and v.tags["format"] == "torchscript"
-    assert client.get_run(v.run_id).data.metrics["parity/batch1/top1_agreement"] == 1.0
-    assert "defect/escape_rate" in client.get_run(v.run_id).data.metrics
+    metrics = client.get_run(v.run_id).data.metrics
+    assert metrics["parity/batch1/top1_agreement"] == 1.0 and "defect/escape_rate" in metrics
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri="models:/surface-inspection/2", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+        artifact_uri=f"models:/{name}/2", dst_path=str(tmp_path / "dl")
     )
     images = [Image.open(io.BytesIO(b)) for b in val_images[:8]]
     fetched = load_model(local).predict(images)

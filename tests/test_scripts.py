@@ -61,3 +61,16 @@ def test_bench_plan_and_stream_run(tmp_path):
     )
     figures = json.loads((tmp_path / "s.json").read_text())
     assert set(figures) >= {"audit_over_none_local", "s3_over_local"}
+
+
+def test_bench_export_reports_parity_and_latency(tmp_path):
+    run(
+        "bench_export.py",
+        *("--backbone", "test_resnet", "--image-size", "32", "--parity-images", "8", "--repeat", "2"),
+        *("--formats", "onnx/fp32,torchscript/fp16", "--json", str(tmp_path / "e.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "e.json").read_text())
+    assert figures["parity"]["onnx/fp32"]["batch1"]["top1_agreement"] == 1.0
+    assert figures["parity"]["torchscript/fp16"]["tolerance"] == 1e-2
+    assert figures["ort_over_eager"]["batch1"] > 0 and figures["ort_over_eager"]["batch32"] > 0
