@@ -14,6 +14,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from data.distributed import all_gather_objects
 from data.errors import UserError
 
 
@@ -54,12 +55,8 @@ class BadDataMonitor(L.Callback):
 
     def _gather(self, trainer: L.Trainer) -> tuple[Counter, Counter]:
         """Every rank's per-shard and per-reason counts (strings travel as objects)."""
-        if trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return self.shards, self.reasons
-        parts: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(parts, (self.shards, self.reasons))
         shards, reasons = Counter(), Counter()
-        for s, r in parts:
+        for s, r in all_gather_objects((self.shards, self.reasons)):
             shards.update(s)
             reasons.update(r)
         return shards, reasons

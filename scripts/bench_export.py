@@ -21,18 +21,19 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
 
 import torch
-from hydra import compose, initialize_config_module
 
 from data.sources import from_synthetic
 from data.write import write_dataset
 from train.bundle import load_bundle
 from train.checkpoint import load_checkpoint, model_from_checkpoint, save_model
 from train.classifier import Classifier, build_backbone, spec_for
+from train.cli import compose
 from train.export import export
 
 
@@ -77,9 +78,7 @@ def main() -> None:
     for entry in args.formats.split(","):
         fmt, precision = entry.split("/")
         overrides = [f"ckpt={ckpt}", f"format={fmt}", f"precision={precision}", f"out={root}/{entry}"]
-        with initialize_config_module("train.conf", version_base="1.3"):
-            cfg = compose("export", overrides=[*overrides, f"parity.samples={args.parity_images}"])
-        report = export(cfg)
+        report = export(compose("export", *overrides, f"parity.samples={args.parity_images}"))
         batches = {
             f"batch{b}": {k: r[k] for k in ("max_abs_diff", "top1_agreement")}
             for b, r in report["batches"].items()
@@ -93,8 +92,7 @@ def main() -> None:
     eager = model_from_checkpoint(load_checkpoint(ckpt))
     onnx_dir = f"{root}/onnx/fp32"
     if not os.path.isdir(onnx_dir):
-        with initialize_config_module("train.conf", version_base="1.3"):
-            export(compose("export", overrides=[f"ckpt={ckpt}", f"out={onnx_dir}", "parity.samples=8"]))
+        export(compose("export", f"ckpt={ckpt}", f"out={onnx_dir}", "parity.samples=8"))
     ort = load_bundle(onnx_dir)
     size = eager.spec.image_size
 
@@ -117,6 +115,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

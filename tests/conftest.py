@@ -12,11 +12,10 @@ import time
 import urllib.request
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_module
 
 from data.sources import from_synthetic
 from data.write import write_dataset
+from train.cli import compose as compose_config
 
 # Tests never touch the user's cache or a tracker server unless they say so.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -34,8 +33,7 @@ def tiny_index(tmp_path_factory) -> str:
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_module("train.conf", version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
+    return compose_config("train", *overrides)
 
 
 @pytest.fixture
@@ -94,12 +92,6 @@ def trained(tmp_path_factory, tiny_index) -> str:
     return train(cfg)["best_checkpoint"]
 
 
-def compose_named(config: str, *overrides: str):
-    """Another primary config of conf/ (evaluate, export) composed with overrides."""
-    with initialize_config_module("train.conf", version_base="1.3"):
-        return hydra_compose(config, overrides=list(overrides))
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real MLflow tracking and registry server on 127.0.0.1 (artifacts proxied through it):
@@ -136,3 +128,16 @@ def mlflow_server(tmp_path_factory) -> str:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_uri_between_tests():
+    """Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which is process-wide (and sets
+    $MLFLOW_TRACKING_URI): unset it around each test, so no test finds another's store."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow:
+        mlflow.set_tracking_uri(None)
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow:
+        mlflow.set_tracking_uri(None)

@@ -78,6 +78,8 @@ def test_defect_classes_default_to_all_but_good_and_names_are_checked():
         defect_classes(classes, "ok", ["dent"])
     with pytest.raises(UserError, match=r"defect\.classes"):
         defect_classes(classes, "ok", ["ok", "spot"])
+    with pytest.raises(UserError, match="each once"):
+        defect_classes(classes, "ok", ["spot", "spot"])  # would count its probability twice
 
 
 def test_scores_sum_the_defect_probabilities():
@@ -90,5 +92,5 @@ def test_scores_sum_the_defect_probabilities():
 def test_no_defects_or_a_bad_target_are_refused():
     with pytest.raises(UserError, match="no defect samples"):
         choose_threshold(np.array([]), 0.01)
-    with pytest.raises(UserError, match=r"target_escape=1\.5"):
+    with pytest.raises(UserError, match=r"target_escape=1\.5: expected a value in \[0, 1\)"):
         choose_threshold(np.array([0.5]), 1.5)

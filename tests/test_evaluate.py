@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compose_named
 from PIL import Image
 
 from data.errors import UserError
@@ -21,6 +20,7 @@ from data.write import write_dataset
 from train import load_model
 from train.checkpoint import KEY, check_resumable
 from train.classifier import ModelSpec
+from train.cli import compose
 from train.evaluate import evaluate
 from train.outputs import published
 
@@ -28,7 +28,7 @@ CLASSES = ["crack", "ok", "scratch", "spot", "stain"]
 
 
 def eval_cfg(ckpt: str, out, *overrides: str):
-    return compose_named(
+    return compose(
         "evaluate",
         f"ckpt={ckpt}",
         f"out={out}",
@@ -148,10 +148,17 @@ def test_bad_samples_are_skipped_and_counted(trained, tmp_path):
     assert metrics["samples"] + metrics["bad_samples"]["count"] == metrics["split_samples"] == 20
 
 
-def test_out_is_never_half_written(trained, tmp_path, report):
+def test_out_is_never_half_written_nor_wrongly_replaced(trained, tmp_path, report):
     _, previous = report
     with pytest.raises(UserError, match="already holds files"):
         evaluate(eval_cfg(trained, previous))
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("not a report")
+    with pytest.raises(UserError, match=r"not a previous output \(no metrics\.json\)"):
+        evaluate(eval_cfg(trained, tmp_path / "work", "overwrite=true"))
+    parent = os.path.dirname(os.path.dirname(trained))  # the training run holding the checkpoint
+    with pytest.raises(UserError, match="will not replace this directory"):
+        evaluate(eval_cfg(trained, parent, "overwrite=true"))
     out = tmp_path / "keep"
     out.mkdir()
     (out / "old.txt").write_text("previous report")
@@ -159,7 +166,7 @@ def test_out_is_never_half_written(trained, tmp_path, report):
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             f.write("{")
         raise RuntimeError("killed while writing")
-    assert os.listdir(out) == ["old.txt"] and os.listdir(tmp_path) == ["keep"]
+    assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["keep", "work"]
 
 
 @pytest.mark.parametrize(
@@ -211,3 +218,17 @@ def test_report_is_logged_to_mlflow_and_wandb(trained, tmp_path):
     assert {"evaluation/metrics.json", "evaluation/confusion.png", "evaluation/defect.png"} <= files
     (offline,) = (tmp_path / "r" / "wandb").glob("offline-run-*")
     assert (offline / "files" / "metrics.json").is_file()
+
+
+def test_a_split_without_defect_samples_reports_without_a_threshold():
+    from train.evaluate import _decide
+
+    spec = ModelSpec("test_resnet", ("ok", "scratch"), 32)
+    r = {"labels": np.array([0, 0, 0]), "probs": np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])}
+    section, decision, curves = _decide(("ok", ("scratch",), 0.005), r, spec, None)
+    assert decision is None and curves is None and "no defect samples" in section["skipped"]
+
+
+def test_precision_other_than_32_is_refused(trained, tmp_path):
+    with pytest.raises(UserError, match=r"trainer\.precision=bf16-mixed: evaluate in 32-true"):
+        evaluate(eval_cfg(trained, tmp_path / "r", "trainer.precision=bf16-mixed"))

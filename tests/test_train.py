@@ -72,7 +72,7 @@ def test_checkpoint_loads_in_a_fresh_process_and_predicts(make_cfg, tmp_path, ti
     assert len(got["many"]) == 3
 
 
-def test_resume_auto_continues_steps_and_the_mlflow_run(make_cfg, tmp_path):
+def test_resume_auto_continues_steps_and_the_mlflow_run(make_cfg, tmp_path, monkeypatch):
     import mlflow
 
     # runs laid out as Hydra does: outputs/NAME/TIME/
@@ -87,7 +87,9 @@ def test_resume_auto_continues_steps_and_the_mlflow_run(make_cfg, tmp_path):
     assert second["resumed_from"] == first["last_checkpoint"]
     assert second["global_step"] == 2 * steps
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    # Through the environment, not mlflow.set_tracking_uri, whose process-wide setting would
+    # outlive this test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["resumable"])
     assert len(runs) == 1  # the resumed training logged into the same run
     run = runs.iloc[0]

@@ -48,9 +48,26 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
             "range": [0, 255],
         },
         "preprocess": [
-            {"op": "decode", "to": "RGB, 8 bits per channel (grey and palette images converted)"},
-            {"op": "resize_short_side", "size": resize, "interpolation": "bilinear", "antialias": True},
-            {"op": "center_crop", "size": [spec.image_size, spec.image_size]},
+            {
+                "op": "decode",
+                "to": "RGB, 8 bits per channel (grey and palette images converted); EXIF orientation is "
+                "not applied, as in training",
+                "jpeg_scale": "a JPEG whose short side is at least 2 x the resize size is decoded at the "
+                "smallest DCT scale (1/2, 1/4, 1/8) that keeps the short side >= that size (libjpeg "
+                "scale_denom, PIL Image.draft, OpenCV IMREAD_REDUCED_COLOR_N), as training did",
+            },
+            {
+                "op": "resize_short_side",
+                "size": resize,
+                "long_side": "floor(size * long / short)",
+                "interpolation": "bilinear",
+                "antialias": True,
+            },
+            {
+                "op": "center_crop",
+                "size": [spec.image_size, spec.image_size],
+                "offset": "round((side - size) / 2)",
+            },
         ],
         "image_size": spec.image_size,
         "crop_pct": spec.crop_pct,

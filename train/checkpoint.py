@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import subprocess
 from importlib import metadata
@@ -46,6 +47,11 @@ def code_version() -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return f"shardtrain=={metadata.version('shardtrain')}"
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def lineage(config: dict, index_url: str, index_sha256: str) -> dict:

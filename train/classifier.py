@@ -102,13 +102,17 @@ class Classifier(nn.Module):
         x = (images.to(self.mean.dtype) - self.mean) / self.std
         return self.backbone(x)
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax class probabilities (B, C), float32, for uint8 images (B, 3, H, W)."""
+        return self(images).float().softmax(dim=1)
+
     @torch.inference_mode()
     def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
         """See `train.predict.predict`: paths, PIL images or uint8 tensors in, one dict per image."""
         from train.predict import predict
 
         def probs(batch: torch.Tensor):  # uint8 (B, 3, S, S) → (B, C)
-            return self(batch.to(self.mean.device)).float().softmax(dim=1).cpu().numpy()
+            return self.probabilities(batch.to(self.mean.device)).cpu().numpy()
 
         return predict(images, self.spec, probs, batch_size)
 

@@ -28,3 +28,17 @@ def run_cli(command: Callable[[DictConfig], object], cfg: DictConfig) -> object:
     except UserError as e:
         log.error("error: %s", message(e))
         sys.exit(2)
+
+
+def compose(config_name: str, *overrides: str) -> DictConfig:
+    """A primary config of conf/ (train, evaluate, export) with overrides, as the command line
+    composes it: for notebooks and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir, initialize_config_module
+
+    if CONFIG_PATH == "../conf":
+        context = initialize_config_dir(os.path.abspath(_SOURCE_CONF), version_base="1.3")
+    else:
+        context = initialize_config_module("train.conf", version_base="1.3")
+    with context:
+        return hydra_compose(config_name, overrides=list(overrides))

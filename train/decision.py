@@ -51,17 +51,28 @@ class Decision:
 
 
 def defect_classes(classes: Sequence[str], good: str, defect: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The defect classes: `defect` if given, else every class but `good`; names are checked."""
+    """The defect classes: `defect` if given, else every class but `good`; names are checked.
+    Classes in neither (with a given `defect`) count with the good ones: parts that should pass."""
     if good not in classes:
-        raise UserError(f"defect.good={good}: not a class of this model (its classes: {list(classes)})")
+        raise UserError(
+            f"defect.good={good}: not a class of this model ({list(classes)}); set defect.good to the "
+            "class of parts that pass, or defect.good=null for no defect decision"
+        )
     chosen = tuple(defect) if defect else tuple(c for c in classes if c != good)
     unknown = [c for c in chosen if c not in classes]
-    if unknown or good in chosen or not chosen:
+    if unknown or good in chosen or not chosen or len(set(chosen)) < len(chosen):
         raise UserError(
-            f"defect.classes={list(chosen)}: give one or more of {[c for c in classes if c != good]} "
-            f"(not the good class {good!r}), or leave it null for every class but {good!r}"
+            f"defect.classes={list(chosen)}: give one or more of {[c for c in classes if c != good]}, each "
+            f"once (not the good class {good!r}), or leave it null for every class but {good!r}"
         )
     return chosen
+
+
+def check_rate(name: str, value: float, closed: bool = False) -> float:
+    """A rate or threshold in [0, 1) (`closed`: [0, 1]), else a message naming the setting."""
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+        raise UserError(f"{name}={value}: expected a value in [0, 1{']' if closed else ')'}, e.g. 0.005")
+    return float(value)
 
 
 def choose_threshold(defect_scores: np.ndarray, target_escape: float) -> float:
@@ -71,8 +82,7 @@ def choose_threshold(defect_scores: np.ndarray, target_escape: float) -> float:
     escape; t = d(k+1) lets exactly those below it escape (k, or fewer on ties), and any higher
     t lets d(k+1) escape too.
     """
-    if not 0 <= target_escape < 1:
-        raise UserError(f"defect.target_escape={target_escape}: expected a rate in [0, 1), e.g. 0.005")
+    check_rate("defect.target_escape", target_escape)
     scores = np.sort(np.asarray(defect_scores, dtype=np.float64))
     if scores.size == 0:
         raise UserError("the evaluated split has no defect samples, so no threshold can be chosen")
@@ -146,7 +156,7 @@ def report(
     c = curves(defect_scores, good_scores)
     recall_steps = np.diff(np.r_[0.0, c["detection_rate"]])
     notes = []
-    if 0 < target_escape * len(defect_scores) < 1:
+    if threshold is None and 0 < target_escape * len(defect_scores) < 1:
         notes.append(
             f"only {len(defect_scores)} defect samples: a {target_escape:.2%} escape rate needs at least "
             f"{math.ceil(1 / target_escape)} to be told apart from zero, so this threshold lets none escape"

@@ -17,16 +17,27 @@ from collections.abc import Iterator
 from data.errors import UserError
 
 
-def check_out(out: str | None, overwrite: bool) -> str:
-    """`out` as an absolute path, refused when unset or already holding files (unless overwrite)."""
+def check_out(out: str | None, overwrite: bool, kind: str, inputs: tuple[str, ...] = ()) -> str:
+    """`out` as an absolute path, refused when unset or already holding files. `overwrite=true`
+    replaces only a previous output of the same `kind` (a directory holding that file: metrics.json
+    for a report, preprocess.json for a bundle), and never one holding `inputs` (the checkpoint
+    being read), so a mistyped `out=.` cannot delete a working directory."""
     if not out:
         raise UserError("out is not set: give the directory to write to (out=DIR)")
     out = os.path.abspath(os.path.expanduser(str(out)))
     if os.path.isfile(out):
         raise UserError(f"out={out} is a file: give a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return out
+    if not overwrite:
         raise UserError(
             f"out={out} already holds files: choose another directory, or overwrite=true to replace it"
+        )
+    inside = [p for p in inputs if os.path.abspath(p).startswith(out + os.sep)]
+    if not os.path.isfile(os.path.join(out, kind)) or inside:
+        why = f"it holds {inside[0]}" if inside else f"it is not a previous output (no {kind})"
+        raise UserError(
+            f"out={out}: overwrite=true will not replace this directory, {why}; choose another out"
         )
     return out
 

@@ -26,6 +26,7 @@ def register(bundle_dir: str, name: str, tracking_uri: str, meta: dict, parity: 
         metrics[f"parity/batch{batch}/max_abs_diff"] = r["max_abs_diff"]
         metrics[f"parity/batch{batch}/top1_agreement"] = r["top1_agreement"]
     tags = {
+        "parity": {True: "passed", None: "not run (Core ML off macOS)"}[parity["passed"]],
         "format": parity["format"],
         "precision": parity["precision"],
         "classes": ",".join(meta["model"]["classes"]),
@@ -43,10 +44,14 @@ def register(bundle_dir: str, name: str, tracking_uri: str, meta: dict, parity: 
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
         run = client.create_run(experiment_id, run_name=f"export-{parity['format']}", tags=tags)
-        client.log_artifacts(run.info.run_id, bundle_dir, "bundle")
-        for key, value in metrics.items():
-            client.log_metric(run.info.run_id, key, float(value))
-        client.set_terminated(run.info.run_id)
+        status = "FAILED"
+        try:
+            client.log_artifacts(run.info.run_id, bundle_dir, "bundle")
+            for key, value in metrics.items():
+                client.log_metric(run.info.run_id, key, float(value))
+            status = "FINISHED"
+        finally:
+            client.set_terminated(run.info.run_id, status)
         try:
             client.create_registered_model(name)
         except MlflowException as e:
@@ -59,7 +64,7 @@ def register(bundle_dir: str, name: str, tracking_uri: str, meta: dict, parity: 
             tags=tags,
             description=_describe(decision, evaluation),
         )
-    except MlflowException as e:
+    except (MlflowException, OSError) as e:  # OSError: the server, or the artifact store, unreachable
         raise UserError(
             f"registering {bundle_dir} as {name} at {tracking_uri} failed: {e} (the bundle itself is written)"
         ) from None

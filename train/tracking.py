@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 
 from hydra.utils import instantiate
@@ -94,8 +95,9 @@ def log_report(
                     if p.endswith(".png")
                 }
             )
-            for path in files:
-                run.save(path, base_path=os.path.dirname(path), policy="now")
+            for path in files:  # copied into the run's own files: a link would dangle once moved
+                shutil.copy(path, run.dir)
+                run.save(os.path.join(run.dir, os.path.basename(path)), base_path=run.dir, policy="now")
         logger.save()
         logger.finalize("success")
     finish(loggers)
