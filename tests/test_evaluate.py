@@ -232,3 +232,20 @@ def test_a_split_without_defect_samples_reports_without_a_threshold():
 def test_precision_other_than_32_is_refused(trained, tmp_path):
     with pytest.raises(UserError, match=r"trainer\.precision=bf16-mixed: evaluate in 32-true"):
         evaluate(eval_cfg(trained, tmp_path / "r", "trainer.precision=bf16-mixed"))
+
+
+def test_ranks_without_samples_still_take_part(trained, tmp_path):
+    """5 samples on 6 ranks: a rank with nothing to predict must not hang the gather."""
+    from data.sources import from_synthetic
+
+    items = list(from_synthetic(30, seed=2, size=48))
+    data = write_dataset(items, str(tmp_path / "shards"), val_fraction=0.1, shard_samples=50, workers=1)
+    assert data.index.split("val").num_samples == 5
+    cmd = [
+        sys.executable, "-m", "train.evaluate", f"ckpt={trained}", f"out={tmp_path / 'r'}",
+        f"data.index={data.index.location}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=6",
+        "trainer.enable_progress_bar=false", "data.num_workers=0",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["samples"] == 5

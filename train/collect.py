@@ -20,6 +20,9 @@ class Predictions(L.LightningModule):
     def __init__(self, net: Classifier, gallery: int):
         super().__init__()
         self.net, self.gallery = net, gallery
+        # A split smaller than the world leaves some ranks nothing to predict; they still take
+        # part in the gather, which runs after the pass, outside Lightning's hooks.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.keys: list[str] = []
         self.labels: list[np.ndarray] = []
         self.probs: list[np.ndarray] = []
