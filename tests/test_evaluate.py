@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -249,3 +250,28 @@ def test_ranks_without_samples_still_take_part(trained, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["samples"] == 5
+
+
+def test_an_evaluated_model_is_judged_by_its_own_threshold(report, tmp_path):
+    first, out = report
+    again = evaluate(eval_cfg(str(out / "model.ckpt"), tmp_path / "again", "defect.target_escape=0.2"))
+    d = again["defect"]
+    assert d["chosen_by"] == "stored with the model" and d["threshold"] == first["defect"]["threshold"]
+    anew = evaluate(
+        eval_cfg(
+            str(out / "model.ckpt"), tmp_path / "anew", "defect.target_escape=0.2", "defect.threshold=choose"
+        )
+    )["defect"]
+    assert anew["chosen_by"] == "target_escape" and anew["escape_rate"] <= 0.2
+    assert anew["threshold"] > d["threshold"]  # a looser target allows a higher threshold
+
+
+def test_an_unreachable_tracker_costs_the_run_but_not_the_report(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(UserError, match=r"report is written to .* but logging it to the tracker failed"):
+        evaluate(eval_cfg(trained, tmp_path / "r", "logger=mlflow", f"logger.mlflow.tracking_uri={dead}"))
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["samples"] == 60

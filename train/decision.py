@@ -149,6 +149,7 @@ def report(
     good_scores: np.ndarray,
     target_escape: float,
     threshold: float | None = None,
+    chosen_by: str = "given threshold",
 ) -> dict:
     """The operating point at `threshold` (chosen for `target_escape` when None), the same at
     the standard targets, ROC AUC and average precision."""
@@ -163,7 +164,7 @@ def report(
         )
     return {
         "target_escape": target_escape,
-        "chosen_by": "target_escape" if threshold is None else "given threshold",
+        "chosen_by": "target_escape" if threshold is None else chosen_by,
         **operating_point(defect_scores, good_scores, chosen),
         "roc_auc": area(c["false_alarm_rate"], c["detection_rate"]),
         "average_precision": float((recall_steps * c["precision"]).sum()),

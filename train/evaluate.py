@@ -93,7 +93,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     }
     decision, curves = None, None
     if chosen:
-        report["defect"], decision, curves = _decide(chosen, r, spec, cfg.defect.threshold)
+        report["defect"], decision, curves = _decide(chosen, r, spec)
 
     with published(out) as tmp:
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
@@ -109,10 +109,19 @@ def evaluate(cfg: DictConfig) -> dict | None:
             save_model(
                 os.path.join(tmp, "model.ckpt"), net, {**meta, "evaluation": _summary(report, cfg.ckpt)}
             )
-        print_evaluation(report, out)
-        # Trackers write their local files (wandb offline, csv) into the report too, so they are
-        # logged before it is published: it appears whole, or not at all.
-        _log_to_trackers(cfg, report, tmp, meta["lineage"]["config"].get("name"), meta.get("run_ids", {}))
+        try:
+            # Trackers write their local files (wandb offline, csv) into the report too, so they
+            # are logged before it is published. Any failure there (a server down) must not cost
+            # the report itself: it is published, then the failure is reported.
+            _log_to_trackers(cfg, report, tmp, meta["lineage"]["config"].get("name"), meta.get("run_ids", {}))
+            tracker_error = None
+        except Exception as e:
+            tracker_error = e
+    print_evaluation(report, out)
+    if tracker_error:
+        raise UserError(
+            f"the report is written to {out}, but logging it to the tracker failed: {tracker_error}"
+        )
     return report
 
 
@@ -130,19 +139,28 @@ def _check_counts(keys: list[str], bad: int, expected: int, cfg: DictConfig) -> 
         )
 
 
-def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple[str, tuple[str, ...], float] | None:
+def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple | None:
+    """(good, defect classes, target escape, threshold or None to choose one, how it was set)."""
     if not d or d.good is None:
         return None
     classes = defect.defect_classes(spec.classes, d.good, d.classes)
-    if d.threshold is not None:
-        defect.check_rate("defect.threshold", d.threshold, closed=True)
-    return d.good, classes, defect.check_rate("defect.target_escape", d.target_escape)
+    target = defect.check_rate("defect.target_escape", d.target_escape)
+    stored = spec.extra.get("decision")
+    if d.threshold in (None, "auto"):
+        # A model.ckpt evaluated again (on a held-out split, say) is judged by its own threshold.
+        if stored and (stored["good"], tuple(stored["defect_classes"])) == (d.good, classes):
+            return d.good, classes, target, float(stored["threshold"]), "stored with the model"
+        return d.good, classes, target, None, "target_escape"
+    if d.threshold == "choose":
+        return d.good, classes, target, None, "target_escape"
+    threshold = defect.check_rate("defect.threshold", float(d.threshold), closed=True)
+    return d.good, classes, target, threshold, "given threshold"
 
 
-def _decide(chosen: tuple, r: dict, spec: ModelSpec, threshold: float | None) -> tuple:
+def _decide(chosen: tuple, r: dict, spec: ModelSpec) -> tuple:
     """The defect section of the report, the Decision it chose, and the curves to draw, or a
     note of why there is none (a split without defect or without good samples)."""
-    good, defects, target = chosen
+    good, defects, target, threshold, how = chosen
     scores = defect.Decision(good, defects, 0.0).scores(r["probs"], spec.classes)
     is_defect = np.isin(r["labels"], [spec.classes.index(c) for c in defects])
     section = {"good": good, "defect_classes": list(defects)}
@@ -151,7 +169,7 @@ def _decide(chosen: tuple, r: dict, spec: ModelSpec, threshold: float | None) ->
         note = f"split has no {missing} samples: no threshold chosen, and no model.ckpt written"
         log.warning("%s", note)
         return {**section, "skipped": note}, None, None
-    section |= defect.report(scores[is_defect], scores[~is_defect], target, threshold)
+    section |= defect.report(scores[is_defect], scores[~is_defect], target, threshold, how)
     curves = defect.curves(scores[is_defect], scores[~is_defect])
     return section, defect.Decision(good, defects, section["threshold"]), curves
 
