@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -189,8 +190,22 @@ def test_fp32_parity_excuses_no_disagreement_and_fp16_only_near_ties():
 
 
 def test_a_failed_parity_publishes_nothing(model_ckpt, tmp_path):
-    with pytest.raises(UserError, match="does not reproduce the checkpoint"):
+    with pytest.raises(UserError, match=r"does not reproduce the checkpoint on 24 images \(batch 1: top-1"):
         export(export_cfg(model_ckpt, tmp_path / "b", "format=torchscript", "parity.tolerance=1e-30"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_converter_failure_names_the_versions_and_publishes_nothing(model_ckpt, tmp_path, monkeypatch):
+    # What a torch upgrade does to a converter, which cannot be installed here to happen for real.
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported operator aten::_new_op")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    with pytest.raises(
+        UserError,
+        match=re.escape(f"conversion failed with torch {torch.__version__}: RuntimeError: Unsupported"),
+    ):
+        export(export_cfg(model_ckpt, tmp_path / "b", "format=torchscript"))
     assert list(tmp_path.iterdir()) == []
 
 
