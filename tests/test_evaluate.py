@@ -226,7 +226,7 @@ def test_a_split_without_defect_samples_reports_without_a_threshold():
 
     spec = ModelSpec("test_resnet", ("ok", "scratch"), 32)
     r = {"labels": np.array([0, 0, 0]), "probs": np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])}
-    section, decision, curves = _decide(("ok", ("scratch",), 0.005), r, spec, None)
+    section, decision, curves = _decide(("ok", ("scratch",), 0.005, None, "target_escape"), r, spec)
     assert decision is None and curves is None and "no defect samples" in section["skipped"]
 
 
