@@ -29,17 +29,13 @@ from train import bundle
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint
 from train.classifier import Classifier
 from train.cli import CONFIG_PATH, run_cli
+from train.convert import check_installed, convert, converter_version
 from train.outputs import check_out, published
 
 log = logging.getLogger("train")
 # Largest difference in any class probability, export against checkpoint. fp16 carries 11
 # significant bits (about 3 decimal digits), so its outputs differ by up to ~1e-3 on deep nets.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-NEEDS = {
-    "onnx": "onnx, onnxscript and onnxruntime",
-    "torchscript": None,
-    "coreml": "coremltools",
-}
 
 
 class Probabilities(nn.Module):
@@ -78,72 +74,6 @@ def parity_images(index_url: str, split: str, n: int, size: int, crop_pct: float
     return torch.stack(images)
 
 
-def convert(model: Probabilities, fmt: str, path: str, example: torch.Tensor) -> dict:
-    """Write `model` to `path` in `fmt`; returns what the format's own checks said."""
-    if fmt == "onnx":
-        import onnx
-
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            dynamo=True,
-            input_names=["images"],
-            output_names=["probs"],
-            dynamic_shapes={"images": {0: batch}},
-            external_data=False,  # one file: the bundle's model is model.onnx alone
-            verbose=False,
-        )
-        proto = onnx.load(path)
-        onnx.checker.check_model(proto, full_check=True)
-        return {"onnx_checker": "passed (full_check)", "opset": proto.opset_import[0].version}
-    if fmt == "torchscript":
-        log.info(
-            "TorchScript is deprecated since torch 2.10 (it still loads in libtorch); ONNX is the format "
-            "with a future"
-        )
-        with torch.no_grad(), bundle.quiet_torchscript():
-            traced = torch.jit.freeze(torch.jit.trace(model, example))
-        traced.save(path)
-        return {"traced_with_batch": len(example)}
-    return _coreml(model, path, example)
-
-
-def _coreml(model: Probabilities, path: str, example: torch.Tensor) -> dict:
-    import coremltools as ct
-
-    half = model.net.mean.dtype == torch.float16
-    model = copy.deepcopy(model).float()  # Core ML converts float32 graphs; fp16 is its own option
-    size = example.shape[-1]
-    with torch.no_grad(), bundle.quiet_torchscript():
-        traced = torch.jit.trace(model, example[:1].float())
-    ml = ct.convert(
-        traced,
-        inputs=[ct.ImageType(name="images", shape=(1, 3, size, size), color_layout=ct.colorlayout.RGB)],
-        outputs=[ct.TensorType(name="probs")],
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
-        minimum_deployment_target=ct.target.iOS16,
-    )
-    ml.user_defined_metadata["classes"] = json.dumps(list(model.net.spec.classes))
-    ml.save(path)
-    # Validation that runs anywhere: the saved package loads as an ML program with our interface.
-    spec = ct.models.MLModel(path, skip_model_load=True).get_spec()
-    problems = []
-    if spec.WhichOneof("Type") != "mlProgram":
-        problems.append(f"type {spec.WhichOneof('Type')}, expected mlProgram")
-    (inp,), (out,) = spec.description.input, spec.description.output
-    image = inp.type.imageType
-    if inp.name != "images" or (image.width, image.height) != (size, size):
-        problems.append(f"input {inp.name} {image.width}x{image.height}, expected images {size}x{size}")
-    if out.name != "probs":
-        problems.append(f"output {out.name}, expected probs")
-    if problems:
-        raise UserError(f"Core ML conversion produced an unexpected model: {'; '.join(problems)}")
-    return {"coreml_spec": f"valid mlprogram, specification version {spec.specificationVersion}"}
-
-
 def check_parity(reference: np.ndarray, exported: np.ndarray, tolerance: float, precision: str) -> dict:
     """Top-1 agreement and largest probability difference. At fp32 every image must agree. At
     fp16 a disagreement is excused where the checkpoint's own top two classes lie within 2 ×
@@ -175,7 +105,7 @@ def export(cfg: DictConfig) -> dict:
         raise UserError(
             f"parity.samples={cfg.parity.samples}: give 2 or more, so that a batch over 1 is checked"
         )
-    _check_installed(fmt)
+    check_installed(fmt)
     out = check_out(cfg.out, cfg.overwrite, bundle.PREPROCESS, inputs=(cfg.ckpt,))
     ckpt = load_checkpoint(cfg.ckpt)
     meta = ckpt[KEY]
@@ -201,7 +131,7 @@ def export(cfg: DictConfig) -> dict:
             raise
         except Exception as e:  # a converter's own failure, typically after a torch upgrade
             raise UserError(
-                f"{fmt} conversion failed with torch {torch.__version__}{_converter_version(fmt)}: "
+                f"{fmt} conversion failed with torch {torch.__version__}{converter_version(fmt)}: "
                 f"{type(e).__name__}: {e}"
             ) from e
         source = _source(cfg.ckpt, meta, index)
@@ -261,25 +191,6 @@ def export(cfg: DictConfig) -> dict:
 
         register(out, str(cfg.register), cfg.mlflow.tracking_uri, meta, report)
     return report
-
-
-def _converter_version(fmt: str) -> str:
-    from importlib import metadata
-
-    name = {"onnx": "onnxscript", "coreml": "coremltools"}.get(fmt)
-    return f" and {name} {metadata.version(name)}" if name else ""
-
-
-def _check_installed(fmt: str) -> None:
-    import importlib.util
-
-    modules = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "coreml": ("coremltools",)}.get(fmt, ())
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(
-            f"format={fmt} needs {NEEDS[fmt]} (missing: {', '.join(missing)}): "
-            f"pip install {' '.join(missing)}, or pip install -e '.[export]'"
-        )
 
 
 def _source(ckpt_path: str, meta: dict, index: str) -> dict:
