@@ -16,11 +16,8 @@ from train.bundle import quiet_torchscript
 
 log = logging.getLogger("train")
 
-NEEDS = {
-    "onnx": "onnx, onnxscript and onnxruntime",
-    "torchscript": None,
-    "coreml": "coremltools",
-}
+# The packages each format needs; the first is the converter, named in a failure's message.
+NEEDS = {"onnx": ("onnxscript", "onnx", "onnxruntime"), "coreml": ("coremltools",), "torchscript": ()}
 
 
 def convert(model: nn.Module, fmt: str, path: str, example: torch.Tensor) -> dict:
@@ -92,17 +89,15 @@ def _coreml(model: nn.Module, path: str, example: torch.Tensor) -> dict:
 def converter_version(fmt: str) -> str:
     from importlib import metadata
 
-    name = {"onnx": "onnxscript", "coreml": "coremltools"}.get(fmt)
-    return f" and {name} {metadata.version(name)}" if name else ""
+    return "".join(f" and {name} {metadata.version(name)}" for name in NEEDS[fmt][:1])
 
 
 def check_installed(fmt: str) -> None:
     import importlib.util
 
-    modules = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "coreml": ("coremltools",)}.get(fmt, ())
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in NEEDS[fmt] if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(
-            f"format={fmt} needs {NEEDS[fmt]} (missing: {', '.join(missing)}): "
+            f"format={fmt} needs {', '.join(NEEDS[fmt])} (missing: {', '.join(missing)}): "
             f"pip install {' '.join(missing)}, or pip install -e '.[export]'"
         )
