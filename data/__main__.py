@@ -9,7 +9,12 @@ import argparse
 import logging
 import sys
 
+from data.checks import argument, integer, number
 from data.errors import UserError
+
+POSITIVE = integer(1)
+FRACTION = number(0, 1, open_high=True)  # a share of each class; 1 would leave no training set
+MIB = number(0, open_low=True)
 
 
 def _write(args: argparse.Namespace) -> None:
@@ -110,14 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help=".csv or .jsonl with path,label[,split] and any extra columns (kept in KEY.json)",
     )
-    source.add_argument("--synthetic", metavar="N", type=int, help="N samples of the embedded inspection set")
+    source.add_argument(
+        "--synthetic", metavar="N", type=argument(POSITIVE), help="N samples of the embedded inspection set"
+    )
     w.add_argument("out", help="output directory")
-    w.add_argument("--val-fraction", type=float, default=0.1, help="per class (default 0.1)")
-    w.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
-    w.add_argument("--shard-samples", type=int, default=10_000, help="max samples per shard")
-    w.add_argument("--shard-size-mb", type=float, default=256.0, help="max MiB per shard")
-    w.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    w.add_argument("--image-size", type=int, default=96, help="synthetic images, pixels")
+    w.add_argument("--val-fraction", type=argument(FRACTION, float), default=0.1, help="per class (0.1)")
+    w.add_argument("--seed", type=argument(integer()), default=0, help="split and shuffle seed (default 0)")
+    w.add_argument("--shard-samples", type=argument(POSITIVE), default=10_000, help="max samples per shard")
+    w.add_argument("--shard-size-mb", type=argument(MIB, float), default=256.0, help="max MiB per shard")
+    w.add_argument("--workers", type=argument(POSITIVE), default=None, help="processes (default: all cores)")
+    w.add_argument("--image-size", type=argument(integer(8)), default=96, help="synthetic images, pixels")
     w.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     w.set_defaults(run=_write)
 
@@ -136,19 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check every shard against dataset.json")
     v.add_argument("index", help="dataset.json or its directory (path or fsspec URL)")
     v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
-    v.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    v.add_argument("--workers", type=argument(POSITIVE), default=None, help="processes (default: all cores)")
     v.set_defaults(run=_verify)
 
     i = sub.add_parser("inspect", help="class histogram and a PNG grid of samples per class")
     i.add_argument("index", help="dataset.json or its directory (path or fsspec URL)")
     i.add_argument("--out", default="samples.png", help="grid image to write (default samples.png)")
     i.add_argument("--split", default=None, help="split for the grid (default: val, else the first)")
-    i.add_argument("--per-class", type=int, default=8, help="images per class row (default 8)")
+    i.add_argument("--per-class", type=argument(POSITIVE), default=8, help="images per class row (default 8)")
     i.set_defaults(run=_inspect)
 
     args = parser.parse_args(argv)
-    if getattr(args, "val_fraction", 0.0) and not 0.0 <= args.val_fraction < 1.0:
-        parser.error(f"--val-fraction {args.val_fraction}: expected 0 <= fraction < 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args) or 0

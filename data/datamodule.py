@@ -122,8 +122,6 @@ class ShardDataModule(L.LightningDataModule):
         return [self.index.shard_url(s) for s in shards], plan
 
     def _loader(self, split: str, train: bool) -> PlannedLoader:
-        if self.missing_shards not in ("fail", "skip"):
-            raise UserError(f"data.missing_shards={self.missing_shards}: expected fail or skip")
         urls, plan = self._plan(split, train)
         transform = self.train_transform if train else self.eval_transform
         if train:

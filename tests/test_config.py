@@ -129,4 +129,6 @@ def test_ray_launcher_composes_and_a_bad_strategy_stops_before_ray_starts(compos
     cfg = compose("launcher=ray", "launcher.num_workers=4", "launcher.use_gpu=true")
     assert (cfg.launcher.kind, cfg.launcher.num_workers, cfg.launcher.strategy) == ("ray", 4, "ddp")
     bad = run_cli("launcher=ray", "launcher.strategy=zero3", cwd=tmp_path)
-    assert bad.returncode == 2 and "launcher.strategy=zero3: expected ddp or fsdp" in bad.stdout + bad.stderr
+    assert (
+        bad.returncode == 2 and "launcher.strategy=zero3: must be one of ddp, fsdp" in bad.stdout + bad.stderr
+    )

@@ -212,8 +212,8 @@ def test_a_converter_failure_names_the_versions_and_publishes_nothing(model_ckpt
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("format=tflite", "format=tflite: expected one of onnx, torchscript, coreml"),
-        ("precision=int8", "precision=int8: expected fp32 or fp16"),
+        ("format=tflite", "format=tflite: must be one of onnx, torchscript, coreml"),
+        ("precision=int8", "precision=int8: must be one of fp32, fp16"),
         ("data.index=/nowhere", "/nowhere"),
     ],
 )

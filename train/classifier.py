@@ -42,29 +42,42 @@ def build_backbone(
 ) -> nn.Module:
     """A classifier network with a fresh `num_classes` head. Weights come only from a local file
     (`pretrained`: .safetensors, .pth or .bin); nothing is ever downloaded."""
+    problem = backbone_problem(name)
+    if problem:
+        raise UserError(f"model.backbone={name}: {problem}")
     if name.startswith("tv/"):
         import torchvision
 
-        try:
-            net = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
-        except ValueError:
-            known = [f"tv/{n}" for n in torchvision.models.list_models()]
-            raise UserError(_unknown(name, known)) from None
+        net = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
     else:
         import timm
 
-        if not timm.is_model(name):
-            raise UserError(_unknown(name, timm.list_models()))
         net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     if pretrained:
         load_pretrained(net, pretrained)
     return net
 
 
-def _unknown(name: str, known: Sequence[str]) -> str:
+def backbone_problem(name: object) -> str | None:
+    """What is wrong with a backbone name, or None when timm (or torchvision, for tv/NAME) has it:
+    the rule for model.backbone, checked before any work starts."""
+    if not isinstance(name, str) or not name:
+        return "must be a timm model name, or tv/<name> for torchvision"
+    if name.startswith("tv/"):
+        import torchvision
+
+        known = [f"tv/{n}" for n in torchvision.models.list_models()]
+    else:
+        import timm
+
+        if timm.is_model(name):
+            return None
+        known = timm.list_models()
+    if name in known:
+        return None
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "e.g. resnet18, resnet50, convnext_tiny"
-    return f"model.backbone={name}: no such model ({hint}; list them with timm.list_models('resnet*'))"
+    return f"no such model ({hint}; list them with timm.list_models('resnet*'))"
 
 
 def load_pretrained(net: nn.Module, path: str) -> None:

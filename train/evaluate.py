@@ -27,6 +27,7 @@ from omegaconf import DictConfig, open_dict
 
 from data.errors import UserError
 from train import decision as defect
+from train import settings
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, save_model
 from train.classifier import ModelSpec
 from train.cli import CONFIG_PATH, run_cli
@@ -44,11 +45,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
         raise UserError(
             "ckpt is not set: give the checkpoint to evaluate (ckpt=outputs/NAME/.../epoch009.ckpt)"
         )
-    if str(cfg.trainer.precision) not in ("32-true", "32"):
-        raise UserError(
-            f"trainer.precision={cfg.trainer.precision}: evaluate in 32-true (trainer.precision=32-true), "
-            "the precision of predict and of the reference for export, so the chosen threshold holds there"
-        )
+    settings.check(cfg, "evaluate")
     out = check_out(cfg.out, cfg.overwrite, "metrics.json", inputs=(cfg.ckpt,))
     ckpt = load_checkpoint(cfg.ckpt)
     meta = ckpt[KEY]
@@ -144,7 +141,7 @@ def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple | None:
     if not d or d.good is None:
         return None
     classes = defect.defect_classes(spec.classes, d.good, d.classes)
-    target = defect.check_rate("defect.target_escape", d.target_escape)
+    target = float(d.target_escape)  # in (0, 1): train/settings.py
     stored = spec.extra.get("decision")
     if d.threshold in (None, "auto"):
         # A model.ckpt evaluated again (on a held-out split, say) is judged by its own threshold.
@@ -153,8 +150,7 @@ def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple | None:
         return d.good, classes, target, None, "target_escape"
     if d.threshold == "choose":
         return d.good, classes, target, None, "target_escape"
-    threshold = defect.check_rate("defect.threshold", float(d.threshold), closed=True)
-    return d.good, classes, target, threshold, "given threshold"
+    return d.good, classes, target, float(d.threshold), "given threshold"
 
 
 def _decide(chosen: tuple, r: dict, spec: ModelSpec) -> tuple:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from data.errors import UserError
-from train import bundle
+from train import bundle, settings
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint
 from train.classifier import Classifier
 from train.cli import CONFIG_PATH, run_cli
@@ -96,15 +96,8 @@ def export(cfg: DictConfig) -> dict:
     """Write and check the bundle; return parity.json's content."""
     if not cfg.ckpt:
         raise UserError("ckpt is not set: give the checkpoint to export (ckpt=outputs/.../model.ckpt)")
+    settings.check(cfg, "export")
     fmt, precision = str(cfg.format), str(cfg.precision)
-    if fmt not in bundle.FILES:
-        raise UserError(f"format={fmt}: expected one of {', '.join(bundle.FILES)}")
-    if precision not in TOLERANCE:
-        raise UserError(f"precision={precision}: expected fp32 or fp16")
-    if cfg.parity.samples < 2:
-        raise UserError(
-            f"parity.samples={cfg.parity.samples}: give 2 or more, so that a batch over 1 is checked"
-        )
     check_installed(fmt)
     out = check_out(cfg.out, cfg.overwrite, bundle.PREPROCESS, inputs=(cfg.ckpt,))
     ckpt = load_checkpoint(cfg.ckpt)

@@ -105,9 +105,10 @@ def launch(cfg: DictConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from train import settings
+
+    settings.check(cfg, "train")  # here, before Ray is contacted; workers check again, in ms
     ray_cfg = cfg.launcher
-    if ray_cfg.strategy not in ("ddp", "fsdp"):
-        raise UserError(f"launcher.strategy={ray_cfg.strategy}: expected ddp or fsdp")
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON)}
     if not ray.is_initialized():
         # address null: the cluster this job runs in (RAY_ADDRESS, or one started on this
