@@ -1,4 +1,4 @@
-"""The one exception type for problems with what the user gave us."""
+"""The exceptions the entry points turn into one message and an exit status, no traceback."""
 
 
 class UserError(Exception):
@@ -16,3 +16,12 @@ def message(error: UserError) -> str:
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split("UserError: ", 1)[-1]
     return text
+
+
+class Preempted(Exception):
+    """The run stopped on a scheduler's signal after saving its exact position; `code` is the
+    exit status (128 + the signal's number, as for a process the signal ended)."""
+
+    def __init__(self, text: str, code: int):
+        super().__init__(text)
+        self.code = code

@@ -19,11 +19,12 @@ from data.index import load_index
 from data.samples import read_shard
 from data.write import write_dataset
 from train import load_model
-from train.checkpoint import KEY, check_resumable
+from train.checkpoint import KEY
 from train.classifier import ModelSpec
 from train.cli import compose
 from train.evaluate import evaluate
 from train.outputs import published
+from train.resume import check_resumable
 
 CLASSES = ["crack", "ok", "scratch", "spot", "stain"]
 

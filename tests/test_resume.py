@@ -4,11 +4,14 @@ trained exactly once, in the same order as a run that was never interrupted."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -28,7 +31,6 @@ def train_cli(tmp_path: Path, index: str, *overrides: str, wait: bool = True, en
         "trainer=cpu",
         "trainer.enable_progress_bar=false",
         "logger=none",
-        "checkpoint.every_n_steps=4",
         *overrides,
     ]
     proc = subprocess.Popen(
@@ -40,8 +42,8 @@ def train_cli(tmp_path: Path, index: str, *overrides: str, wait: bool = True, en
         env={**os.environ, **(env or {})},
     )
     if wait:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
+        proc.output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, proc.output[-3000:]
     return proc
 
 
@@ -49,11 +51,17 @@ def audit(run_dir: Path) -> dict[str, list[str]]:
     return {p.name: p.read_text().splitlines() for p in sorted((run_dir / "audit").glob("epoch*.txt"))}
 
 
-def test_killed_mid_epoch_then_resumed_trains_each_sample_exactly_once(tmp_path, tiny_index):
-    reference = train_cli(tmp_path, tiny_index, "name=reference", "trainer.max_epochs=3")
-    assert reference.returncode == 0
-    (ref_dir,) = (tmp_path / "outputs" / "reference").iterdir()
-    expected = audit(ref_dir)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_index) -> dict[str, list[str]]:
+    """The audit of a run of 3 epochs that was never interrupted."""
+    root = tmp_path_factory.mktemp("reference")
+    train_cli(root, tiny_index, "name=reference", "trainer.max_epochs=3")
+    (ref_dir,) = (root / "outputs" / "reference").iterdir()
+    return audit(ref_dir)
+
+
+def test_killed_mid_epoch_then_resumed_trains_each_sample_exactly_once(tmp_path, tiny_index, reference):
+    expected = reference
     assert list(expected) == [f"epoch{e:03d}-rank000.txt" for e in range(3)]
     assert all(len(keys) == len(set(keys)) == 176 for keys in expected.values())  # 11 batches of 16
     orders = list(expected.values())  # loader workers persist, and still see each epoch's plan
@@ -66,6 +74,7 @@ def test_killed_mid_epoch_then_resumed_trains_each_sample_exactly_once(tmp_path,
         tiny_index,
         "name=crashy",
         "trainer.max_epochs=3",
+        "checkpoint.every_n_steps=4",
         wait=False,
         env={"SHARDTRAIN_KILL_AT_STEP": "14"},
     )
@@ -77,7 +86,14 @@ def test_killed_mid_epoch_then_resumed_trains_each_sample_exactly_once(tmp_path,
     assert (position["epoch"], position["batches"], ckpt["global_step"]) == (1, 1, 12)
     assert len(audit(crashed_dir)["epoch001-rank000.txt"]) > 16  # more than the checkpoint holds
 
-    train_cli(tmp_path, tiny_index, "name=crashy", "trainer.max_epochs=3", "resume=auto")
+    train_cli(
+        tmp_path,
+        tiny_index,
+        "name=crashy",
+        "trainer.max_epochs=3",
+        "checkpoint.every_n_steps=4",
+        "resume=auto",
+    )
     resumed_dir = next(d for d in (tmp_path / "outputs" / "crashy").iterdir() if d != crashed_dir)
     assert audit(resumed_dir) == expected
 
@@ -112,3 +128,100 @@ def test_ddp_run_killed_mid_epoch_resumes_on_one_process_exactly_once(tmp_path, 
     assert len(epoch0) == len(set(epoch0))
     assert 180 - len(epoch0) < 16  # 2 × 2 × 16 trained on 2 ranks, then 7 batches of the rest
     assert len(files["epoch001-rank000.txt"]) == len(set(files["epoch001-rank000.txt"])) == 176
+
+
+def wait_for_audit(proc: subprocess.Popen, directory: Path, lines: int) -> None:
+    """Until the run's audit lists `lines` training samples (it is flushed per batch)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(len(p.read_text().splitlines()) for p in directory.glob("audit/epoch*.txt")) >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended or stalled before its audit reached {lines} samples")
+
+
+def test_sigterm_at_a_random_step_then_the_same_command_continues_exactly(tmp_path, tiny_index, reference):
+    """A requeued job: the same command, a fixed run directory and resume=auto. SIGTERM from
+    outside at a random moment of the first two epochs stops it with a checkpoint at the next
+    step and exit 143; the same command then trains every sample exactly once, as the
+    uninterrupted reference did."""
+    at = random.Random().randrange(20, 2 * 176)
+    job = tmp_path / "job"
+    same = ("name=requeued", "trainer.max_epochs=3", f"hydra.run.dir={job}", "resume=auto")
+    victim = train_cli(tmp_path, tiny_index, *same, wait=False)
+    wait_for_audit(victim, job, at)
+    victim.send_signal(signal.SIGTERM)
+    out, _ = victim.communicate(timeout=60)
+    assert victim.returncode == 143, f"SIGTERM after {at} samples:\n{out[-3000:]}"
+    assert "resume=auto: no checkpoint in" in out and "starting fresh" in out
+    stopped = next(line for line in out.splitlines() if "stopped by SIGTERM" in line)
+    assert f"{job}/checkpoints/last.ckpt" in stopped and "resume=auto" in stopped
+    assert "Traceback" not in out
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] >= 1 and ckpt["ShardDataModule"]["samples"] % 16 == 0
+
+    again = train_cli(tmp_path, tiny_index, *same)
+    assert f"resume=auto: continuing from {job}/checkpoints/last.ckpt" in again.output
+    assert audit(job) == reference, f"SIGTERM after {at} samples"
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_first_ddp_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_index):
+    """SLURM's --signal reaches the first process; the other rank learns of it at the next step,
+    both write the same position, and the run resumes from it with each sample once."""
+    ddp = (
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
+        "name=slurm",
+    )
+    victim = train_cli(tmp_path, tiny_index, *ddp, wait=False)
+    (run_dir,) = _wait_for_run(tmp_path / "outputs" / "slurm")
+    wait_for_audit(victim, run_dir, 48)
+    victim.send_signal(signal.SIGUSR1)  # rank 0 only: Lightning started rank 1 as its child
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + signal.SIGUSR1, out[-3000:]
+    position = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["ShardDataModule"]
+    assert position["world_size"] == 2 and position["batches"] >= 1
+
+    train_cli(tmp_path, tiny_index, *ddp, "resume=auto")
+    resumed = next(d for d in (tmp_path / "outputs" / "slurm").iterdir() if d != run_dir)
+    files = audit(resumed)
+    for epoch in range(2):
+        keys = files[f"epoch{epoch:03d}-rank000.txt"] + files[f"epoch{epoch:03d}-rank001.txt"]
+        assert len(keys) == len(set(keys)) == 2 * 5 * 16  # 180 samples: 5 batches of 16 per rank
+
+
+def _wait_for_run(runs: Path) -> list[Path]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = list(runs.glob("*")) if runs.exists() else []
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no run directory appeared under {runs}")
+
+
+def test_a_truncated_last_ckpt_falls_back_to_the_previous_good_one(tmp_path, tiny_index):
+    first = train_cli(tmp_path, tiny_index, "name=torn", "trainer.max_epochs=1")
+    (run_dir,) = (tmp_path / "outputs" / "torn").iterdir()
+    last, (epoch_ckpt,) = run_dir / "checkpoints" / "last.ckpt", (run_dir / "checkpoints").glob("epoch*.ckpt")
+    assert first.returncode == 0
+    last.write_bytes(last.read_bytes()[:100_000])  # what a crash mid-write leaves with a plain save
+
+    out = train_cli(tmp_path, tiny_index, "name=torn", "trainer.max_epochs=2", "resume=auto").output
+    assert f"passing over {last}: checkpoint {last} is unreadable, truncated or corrupt" in out
+    assert f"resume=auto: continuing from {epoch_ckpt}" in out
+
+    named = subprocess.run(
+        [sys.executable, "-m", "train", "data=shards", f"data.index={tiny_index}", f"resume={last}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = named.stdout + named.stderr
+    assert named.returncode == 2 and "Traceback" not in output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"checkpoint {last} is unreadable, truncated or corrupt" in errors[0]

@@ -1,4 +1,4 @@
-"""What a checkpoint carries besides weights, how a run finds one to resume, and `load_model`.
+"""What a checkpoint carries besides weights, how it is written and read, and `load_model`.
 
 Under the key "shardtrain" every checkpoint holds plain data only, so it loads with
 `torch.load(..., weights_only=True)`:
@@ -14,14 +14,15 @@ The data position is Lightning's own datamodule entry (ShardDataModule.state_dic
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import os
+import pickle
 import subprocess
 from importlib import metadata
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.errors import UserError
 from train.classifier import Classifier, ModelSpec, build_backbone
@@ -81,68 +82,53 @@ class Lineage(L.Callback):
         }
 
 
-class MidEpochCheckpoint(L.Callback):
-    """Writes `last.ckpt` every `every_n_steps` optimizer steps, with the data position, so
-    `resume=auto` continues at the exact batch. Written beside and renamed over, so a process
-    killed while saving leaves the previous `last.ckpt` intact."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside the old file, synced and renamed over it, so a process killed or
+    a disk filled while saving leaves the previous checkpoint whole (Lightning's own local save
+    stages the file in /tmp and, across devices, copies it over the target in place). A save that
+    fails stops the run with one message naming the path."""
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = None):
-        self.dirpath, self.every_n_steps = dirpath, every_n_steps
-        self._saved = -1  # with gradient accumulation several batches end on one step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        step = trainer.global_step
-        if not self.every_n_steps or step in (0, self._saved) or step % self.every_n_steps:
-            return
-        self._saved = step
-        final = os.path.join(self.dirpath, "last.ckpt")
-        trainer.save_checkpoint(final + ".partial", weights_only=False)  # full state: resumable
-        if trainer.is_global_zero:
-            os.replace(final + ".partial", final)
-        trainer.strategy.barrier("mid_epoch_checkpoint")
+    def save_checkpoint(self, checkpoint: dict, path: str, storage_options: object = None) -> None:
+        path = str(path)
+        if "://" in path:  # object storage writes whole objects anyway
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        partial = path + ".partial"
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a node lost now keeps one whole file
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            previous = "the previous one there is intact" if os.path.exists(path) else "nothing was written"
+            raise UserError(
+                f"could not write the checkpoint {path}: {reason}; {previous}. Free space there (or set "
+                "paths.log_dir elsewhere), then continue with resume=auto"
+            ) from None
 
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint loaded safely: tensors and plain data only, never pickled code."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if KEY not in ckpt:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something that is no tensor or plain data
+        reason = str(e).splitlines()[0]
+        raise UserError(
+            f"checkpoint {path} holds more than tensors and plain data, so it is not loaded ({reason})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {path} is unreadable, truncated or corrupt ({str(e).splitlines()[0]})"
+        ) from None
+    if not isinstance(ckpt, dict) or KEY not in ckpt:
         raise UserError(f"checkpoint {path} was not written by shardtrain (no '{KEY}' entry)")
     return ckpt
-
-
-def find_resume(resume: str | None, runs_dir: str) -> str | None:
-    """`resume`: null (fresh start), "auto" (newest `last.ckpt` under `runs_dir`, if any) or a path."""
-    if not resume:
-        return None
-    if resume != "auto":
-        if not os.path.isfile(resume):
-            raise UserError(f"resume={resume}: no such checkpoint (use resume=auto or a .ckpt path)")
-        return resume
-    found = glob.glob(os.path.join(runs_dir, "**", "last.ckpt"), recursive=True)
-    return max(found, key=os.path.getmtime) if found else None
-
-
-def check_resumable(path: str, meta: dict, spec: ModelSpec) -> None:
-    """A checkpoint continues only the same network on the same classes."""
-    if meta.get("kind") == "model":
-        raise UserError(
-            f"cannot resume from {path}: it holds a model's weights only (written by evaluation), "
-            "not a training state; resume from a run's last.ckpt"
-        )
-    saved = ModelSpec.from_dict(meta["model"])
-    fields = ("backbone", "classes", "image_size")
-    diff = [
-        f"{f} {getattr(saved, f)} -> {getattr(spec, f)}"
-        for f in fields
-        if getattr(saved, f) != getattr(spec, f)
-    ]
-    if diff:
-        raise UserError(
-            f"cannot resume from {path}: {'; '.join(diff)} (resume=null starts fresh; or restore the "
-            "settings that checkpoint was trained with)"
-        )
 
 
 def model_from_checkpoint(ckpt: dict) -> Classifier:

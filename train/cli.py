@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from data.errors import UserError, message
+from data.errors import Preempted, UserError, message
 from train.console import one_log_stream
 
 log = logging.getLogger("train")
@@ -21,13 +21,17 @@ CONFIG_PATH = "../conf" if os.path.isfile(os.path.join(_SOURCE_CONF, "train.yaml
 
 
 def run_cli(command: Callable[[DictConfig], object], cfg: DictConfig) -> object:
-    """Run `command(cfg)`; a UserError prints as one line (no traceback) and exits 2."""
+    """Run `command(cfg)`; a UserError prints as one line (no traceback) and exits 2, a
+    preemption as one line and exits 128 + the signal's number."""
     one_log_stream()
     try:
         return command(cfg)
     except UserError as e:
         log.error("error: %s", message(e))
         sys.exit(2)
+    except Preempted as e:
+        log.error("%s", e)
+        sys.exit(e.code)
 
 
 def compose(config_name: str, *overrides: str) -> DictConfig:

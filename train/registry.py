@@ -17,6 +17,8 @@ def register(bundle_dir: str, name: str, tracking_uri: str, meta: dict, parity: 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from train.tracking import one_process_at_a_time
+
     evaluation = meta.get("evaluation") or {}
     decision = meta["model"].get("extra", {}).get("decision") or {}
     experiment_name = meta["lineage"]["config"].get("name") or "export"
@@ -40,30 +42,33 @@ def register(bundle_dir: str, name: str, tracking_uri: str, meta: dict, parity: 
             "defect_classes": ",".join(decision["defect_classes"]),
         }
     try:
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-        run = client.create_run(experiment_id, run_name=f"export-{parity['format']}", tags=tags)
-        status = "FAILED"
-        try:
-            client.log_artifacts(run.info.run_id, bundle_dir, "bundle")
-            for key, value in metrics.items():
-                client.log_metric(run.info.run_id, key, float(value))
-            status = "FINISHED"
-        finally:
-            client.set_terminated(run.info.run_id, status)
-        try:
-            client.create_registered_model(name)
-        except MlflowException as e:
-            if "already exists" not in str(e).lower():
-                raise
-        version = client.create_model_version(
-            name,
-            source=f"{run.info.artifact_uri}/bundle",
-            run_id=run.info.run_id,
-            tags=tags,
-            description=_describe(decision, evaluation),
-        )
+        with one_process_at_a_time(tracking_uri):  # a local SQLite store: one writer sets it up
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            experiment = client.get_experiment_by_name(experiment_name)
+            experiment_id = (
+                experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+            )
+            run = client.create_run(experiment_id, run_name=f"export-{parity['format']}", tags=tags)
+            status = "FAILED"
+            try:
+                client.log_artifacts(run.info.run_id, bundle_dir, "bundle")
+                for key, value in metrics.items():
+                    client.log_metric(run.info.run_id, key, float(value))
+                status = "FINISHED"
+            finally:
+                client.set_terminated(run.info.run_id, status)
+            try:
+                client.create_registered_model(name)
+            except MlflowException as e:
+                if "already exists" not in str(e).lower():
+                    raise
+            version = client.create_model_version(
+                name,
+                source=f"{run.info.artifact_uri}/bundle",
+                run_id=run.info.run_id,
+                tags=tags,
+                description=_describe(decision, evaluation),
+            )
     except (MlflowException, OSError) as e:  # OSError: the server, or the artifact store, unreachable
         raise UserError(
             f"registering {bundle_dir} as {name} at {tracking_uri} failed: {e} (the bundle itself is written)"

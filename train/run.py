@@ -12,11 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.datamodule import ShardDataModule
 from data.quality import BadDataMonitor
-from train import faults
-from train.checkpoint import KEY, Lineage, check_resumable, find_resume, lineage, load_checkpoint
+from train import faults, settings
+from train.checkpoint import KEY, AtomicCheckpointIO, Lineage, lineage, load_checkpoint
 from train.classifier import Classifier, build_backbone, spec_for
 from train.module import ImageClassifier
 from train.report import summarize
+from train.resume import check_resumable, find_resume, shared_with_ranks
 from train.tracking import build_loggers, finish, log_config, redact
 
 
@@ -50,15 +51,17 @@ def train(
     checkpoint it restored (`ckpt_path`, instead of `cfg.resume`), its strategy and cluster
     environment (`trainer_args`), a callback reporting checkpoints, and `prepare_trainer`.
     """
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg)
-
-    ckpt_path = ckpt_path or find_resume(cfg.resume, os.path.join(cfg.paths.log_dir, cfg.name))
-    run_ids = {}
+    settings.check(cfg, "train")  # before any shard is generated or process started
     if ckpt_path:
         meta = load_checkpoint(ckpt_path)[KEY]
+    else:
+        own = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath") or f"{cfg.paths.output_dir}/checkpoints"
+        ckpt_path, meta = find_resume(cfg.resume, own, os.path.join(cfg.paths.log_dir, cfg.name))
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    if ckpt_path:
         check_resumable(ckpt_path, meta, module.net.spec)
-        run_ids = meta["run_ids"]
+    run_ids = meta.get("run_ids", {})
     config = redact(OmegaConf.to_container(cfg, resolve=True))
     loggers = build_loggers(cfg.get("logger"), run_ids)
     log_config(loggers, config, run_ids)
@@ -68,13 +71,14 @@ def train(
     callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256)))
     callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **(trainer_args or {})
-    )
+    args = dict(trainer_args or {})
+    args["plugins"] = [AtomicCheckpointIO(), *args.get("plugins", [])]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **args)
     if prepare:
         trainer = prepare(trainer)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with shared_with_ranks(ckpt_path):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         finish(loggers)
     return summarize(trainer, module, resumed_from=ckpt_path)

@@ -6,10 +6,12 @@ Each backend is imported only when its config is chosen (wandb and mlflow cost s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
@@ -48,8 +50,29 @@ def build_loggers(
                 # Offline unless the user can and wants to reach a server: never a login prompt.
                 online = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online"
                 kwargs["offline"] = not online
-        loggers.append(instantiate(cfg, **kwargs))
+        if target == "MLFlowLogger":
+            with one_process_at_a_time(cfg.get("tracking_uri")):
+                logger = instantiate(cfg, **kwargs)
+                logger.experiment  # noqa: B018 (creates the store's tables, the experiment and the run)
+            loggers.append(logger)
+        else:
+            loggers.append(instantiate(cfg, **kwargs))
     return loggers
+
+
+@contextlib.contextmanager
+def one_process_at_a_time(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow creates a SQLite store's tables and an experiment on first use; two processes that
+    start together (two shells, a parallel sweep) race there and one fails ("table experiments
+    already exists"). For a local SQLite store they take turns, by a lock file beside it."""
+    if not tracking_uri or not str(tracking_uri).startswith("sqlite:///"):
+        yield
+        return
+    path = str(tracking_uri).removeprefix("sqlite:///")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def log_config(loggers: list[Logger], config: dict, resumed_ids: Mapping[str, str]) -> None:
