@@ -225,3 +225,70 @@ def test_a_truncated_last_ckpt_falls_back_to_the_previous_good_one(tmp_path, tin
     assert named.returncode == 2 and "Traceback" not in output
     errors = [line for line in output.splitlines() if "error:" in line]
     assert len(errors) == 1 and f"checkpoint {last} is unreadable, truncated or corrupt" in errors[0]
+
+
+def _run(root: Path, name: str, mode: str, overrides: list[str], ckpt: str, when: float) -> Path:
+    """A run directory as Hydra lays it out, with one checkpoint copied in at time `when`."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  mode: {mode}\n")
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run / "checkpoints").mkdir()
+    target = run / "checkpoints" / "last.ckpt"
+    target.write_bytes(Path(ckpt).read_bytes())
+    os.utime(target, (when, when))
+    return target
+
+
+def test_resume_auto_continues_its_own_job_and_never_another_sweep_point(tmp_path, trained, monkeypatch):
+    from train import resume
+
+    runs = tmp_path / "outputs" / "sweep"
+    single = _run(runs, "2026-01-01_00-00-00", "RUN", ["lr=1"], trained, 100)
+    job0 = _run(runs, "multirun-1/0", "MULTIRUN", ["lr=1", "resume=auto"], trained, 200)
+    job1 = _run(runs, "multirun-1/1", "MULTIRUN", ["lr=3"], trained, 300)  # the newest
+    own = tmp_path / "fixed" / "checkpoints"
+
+    # A plain run (no Hydra around it, or mode RUN): the newest single run.
+    assert resume.find_resume("auto", str(own), str(runs))[0] == str(single)
+    # A multirun job continues the earlier job of its own sweep point, by overrides.
+    monkeypatch.setattr(resume, "_job", lambda: (True, ["lr=1"]))
+    assert resume.find_resume("auto", str(own), str(runs))[0] == str(job0)
+    monkeypatch.setattr(resume, "_job", lambda: (True, ["lr=3"]))
+    assert resume.find_resume("auto", str(own), str(runs))[0] == str(job1)
+    monkeypatch.setattr(resume, "_job", lambda: (True, ["lr=9"]))
+    assert resume.find_resume("auto", str(own), str(runs)) == (None, {})
+    # Its own directory (a fixed hydra.run.dir) comes before anything else.
+    own.mkdir(parents=True)
+    (own / "last.ckpt").write_bytes(Path(trained).read_bytes())
+    assert resume.find_resume("auto", str(own), str(runs))[0] == str(own / "last.ckpt")
+
+
+def test_a_resumed_run_keeps_the_best_checkpoints_of_the_run_it_continues(tmp_path):
+    from train.resume import BestCheckpoints
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for name in ("epoch003.ckpt", "epoch004.ckpt"):
+        (old / name).write_bytes(name.encode())
+    state = {
+        "dirpath": str(old),
+        "best_k_models": {
+            str(old / "epoch003.ckpt"): torch.tensor(0.9),
+            str(old / "epoch004.ckpt"): torch.tensor(0.8),
+        },
+        "best_model_path": str(old / "epoch003.ckpt"),
+        "best_model_score": torch.tensor(0.9),
+        "kth_best_model_path": str(old / "epoch004.ckpt"),
+        "kth_value": torch.tensor(0.8),
+        "last_model_path": str(old / "last.ckpt"),
+        "current_score": torch.tensor(0.8),
+    }
+    callback = BestCheckpoints(dirpath=str(new), monitor="val/acc", mode="max", save_top_k=2)
+    callback.load_state_dict(state)
+    assert sorted(os.listdir(new)) == ["epoch003.ckpt", "epoch004.ckpt"]
+    assert (new / "epoch003.ckpt").read_bytes() == b"epoch003.ckpt"
+    assert set(callback.best_k_models) == {str(new / "epoch003.ckpt"), str(new / "epoch004.ckpt")}
+    assert callback.best_model_path == str(new / "epoch003.ckpt")
+    assert callback.kth_best_model_path == str(new / "epoch004.ckpt") and float(callback.kth_value) == pytest.approx(0.8)
+    assert sorted(os.listdir(old)) == ["epoch003.ckpt", "epoch004.ckpt"]  # the old run keeps its files

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from train.tracking import REDACTED, redact
@@ -44,3 +47,44 @@ def test_secrets_inside_values_are_removed(env):
         assert secret not in text
     assert out["index"].endswith("X-Amz-Signature=<redacted>&X-Amz-Date=1")
     assert out["home"] == "not-a-secret-at-all"  # the variable's name is not secret-like
+
+
+def test_two_runs_started_together_share_the_default_mlflow_store(tmp_path, tiny_index):
+    """Two shells, one outputs/: MLflow's SQLite store is created by whichever comes first."""
+    import mlflow
+
+    args = [
+        sys.executable,
+        "-m",
+        "train",
+        "data=shards",
+        f"data.index={tiny_index}",
+        "data.image_size=32",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "model.backbone=test_resnet",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+        "logger=mlflow",
+        "logger.mlflow.log_model=false",
+        "name=together",
+    ]
+    runs = [
+        subprocess.Popen(
+            [*args, f"hydra.run.dir={tmp_path}/run{i}"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    for run, out in zip(runs, outputs):
+        assert run.returncode == 0, out[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "together"]
+    found = client.search_runs([experiment.experiment_id])
+    assert len(found) == 2 and all("val/acc" in r.data.metrics for r in found)

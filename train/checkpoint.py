@@ -103,7 +103,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
             with contextlib.suppress(OSError):
                 os.remove(partial)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            # torch's writer reports the OSError of the file it writes as its context
+            cause = e if isinstance(e, OSError) else e.__context__
+            reason = (
+                cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
+            )
             previous = "the previous one there is intact" if os.path.exists(path) else "nothing was written"
             raise UserError(
                 f"could not write the checkpoint {path}: {reason}; {previous}. Free space there (or set "
