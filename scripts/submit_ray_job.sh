@@ -12,5 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# `ray job stop` sends SIGTERM, then kills the job after RAY_JOB_STOP_WAIT_TIME_S (Ray's default
+# 3 s): too short for the workers to reach a step and report a checkpoint (train/midepoch.py).
+wait_s="${RAY_JOB_STOP_WAIT_TIME_S:-45}"
 exec ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --working-dir . \
+    --runtime-env-json "{\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"$wait_s\"}}" \
     -- python -m train launcher=ray "$@"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,10 @@ def ray_head():
     started = not address
     if started:
         port, dport = _free_port(), _free_port()
+        if not os.path.exists(os.path.expanduser("~/.ray/auth_token")):  # a fresh machine: make one
+            subprocess.run(
+                [f"{BIN}/ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True
+            )
         subprocess.run(
             [f"{BIN}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dport}", "--num-cpus=4",
@@ -155,3 +160,46 @@ def test_one_ray_worker_matches_the_local_launcher(tmp_path, tiny_index, ray_hea
         re.search(accuracy, local.stdout + local.stderr).groups()
         == re.search(accuracy, ray.stdout + ray.stderr).groups()
     )
+
+
+def test_sigterm_to_the_driver_stops_the_workers_with_their_position_reported(tmp_path, tiny_index, ray_head):
+    """`ray job stop` or a pod's SIGTERM reaches the driver: the workers stop at a step, Ray keeps
+    that position, the driver exits 143, and the same command continues each sample once."""
+    address, _, env = ray_head
+    same = (
+        "name=preempted", "trainer.max_epochs=2", "data.audit=true", "logger=none", "launcher=ray",
+        "launcher.num_workers=2", f"launcher.address={address}",
+    )  # fmt: skip
+    args = [
+        sys.executable, "-m", "train", "data=shards", f"data.index={tiny_index}", "data.image_size=32",
+        "data.batch_size=16", "data.num_workers=1", "data.shuffle_buffer=16", "model.backbone=test_resnet",
+        "trainer=cpu", "trainer.enable_progress_bar=false", *same,
+    ]  # fmt: skip
+    driver = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        if (
+            sum(len(p.read_text().split()) for p in tmp_path.glob("outputs/preempted/*/audit/epoch*.txt"))
+            >= 48
+        ):
+            break
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    log, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 143, log[-4000:]
+    assert re.search(r"stopped by SIGTERM at step \d+: Ray keeps the exact position", log)
+    (first_dir,) = (tmp_path / "outputs" / "preempted").iterdir()
+
+    again = cli(tmp_path, tiny_index, *same, env=env)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert re.search(r"Restored all states from the checkpoint at \S+/ray/preempted/checkpoint_", log)
+    assert "ray: 2 workers finished at step 10" in log
+    resumed = next(d for d in (tmp_path / "outputs" / "preempted").iterdir() if d != first_dir)
+    files = audit(resumed)
+    for epoch in range(2):
+        ranks = [files[f"epoch00{epoch}-rank00{r}.txt"] for r in range(2)]
+        assert [len(r) for r in ranks] == [80, 80]
+        assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0])) == 80

@@ -290,5 +290,6 @@ def test_a_resumed_run_keeps_the_best_checkpoints_of_the_run_it_continues(tmp_pa
     assert (new / "epoch003.ckpt").read_bytes() == b"epoch003.ckpt"
     assert set(callback.best_k_models) == {str(new / "epoch003.ckpt"), str(new / "epoch004.ckpt")}
     assert callback.best_model_path == str(new / "epoch003.ckpt")
-    assert callback.kth_best_model_path == str(new / "epoch004.ckpt") and float(callback.kth_value) == pytest.approx(0.8)
+    assert callback.kth_best_model_path == str(new / "epoch004.ckpt")
+    assert float(callback.kth_value) == pytest.approx(0.8)
     assert sorted(os.listdir(old)) == ["epoch003.ckpt", "epoch004.ckpt"]  # the old run keeps its files

@@ -74,3 +74,17 @@ def test_bench_export_reports_parity_and_latency(tmp_path):
     assert figures["parity"]["onnx/fp32"]["batch1"]["top1_agreement"] == 1.0
     assert figures["parity"]["torchscript/fp16"]["tolerance"] == 1e-2
     assert figures["ort_over_eager"]["batch1"] > 0 and figures["ort_over_eager"]["batch32"] > 0
+
+
+def test_bench_preemption_reports_both_exits_and_the_check_time(tmp_path):
+    tiny = ("data.synthetic.num_samples=400", "data.synthetic.image_size=48", "data.image_size=32")
+    run(
+        "bench_preemption.py",
+        *("--batch", "3", "--batch-size", "16", "--repeat", "3", "--json", str(tmp_path / "p.json")),
+        *("--extra", *tiny, f"paths.cache_dir={tmp_path}/cache"),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "p.json").read_text())
+    assert figures["ours"]["exit_status"] == 143 and figures["ours"]["last_ckpt_step"] >= 3
+    assert figures["lightning"]["exit_status"] == 0  # Lightning's own SIGTERM handling, the baseline
+    assert figures["check_ms"] > 0 and figures["ours_over_lightning_exit"] > 0

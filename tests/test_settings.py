@@ -69,7 +69,9 @@ BAD_TRAIN = [
     ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0: must be a positive integer"),
     ("checkpoint.on_signal=[SIGKILL]", "checkpoint.on_signal=[SIGKILL]: entry SIGKILL must be one of"),
     ("checkpoint.grace_s=0", "checkpoint.grace_s=0: must be a number > 0"),
-    ("seed=1.5", "2 settings are wrong: seed=1.5: must be an integer; data.seed=1.5"),
+    ("seed=1.5", "2 settings are wrong: seed=1.5: must be an integer from 0 to 4294967295; data.seed=1.5"),
+    ("data.seed=-1", "data.seed=-1: must be an integer from 0 to 4294967295"),
+    ("launcher=ray launcher.resources_per_worker=8", "launcher.resources_per_worker=8: must be a mapping"),
     ("name=''", "name=: must be a non-empty string"),
 ]
 

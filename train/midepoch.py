@@ -66,10 +66,15 @@ class MidEpochCheckpoint(L.Callback):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self._received = signum
+        self.request_stop(signum)
         watchdog = threading.Timer(self.grace_s, self._too_late, args=(signum,))
         watchdog.daemon = True
         watchdog.start()
+
+    def request_stop(self, signum: int) -> None:
+        """Stop at the next optimizer step as if this process had received `signum`: how a Ray
+        worker learns that its driver was signalled."""
+        self._received = self._received or signum
 
     def _too_late(self, signum: int) -> None:
         log.error(

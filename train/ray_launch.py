@@ -17,13 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from data.errors import UserError
+from data.errors import Preempted, UserError
+from train.midepoch import MidEpochCheckpoint
 
 log = logging.getLogger("train")
 CHECKPOINT = "checkpoint.ckpt"
@@ -49,6 +53,12 @@ class ReportCheckpoints(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, Preempted):  # every rank stopped at the same step: report it
+            self._report(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._reported:  # stopped mid-epoch (max_steps): report the end
@@ -90,13 +100,88 @@ def _worker(config: dict) -> None:
         "devices": "auto",
         "accelerator": "gpu" if cfg.launcher.use_gpu else "cpu",
     }
-    report = ReportCheckpoints(cfg.checkpoint.every_n_steps)
-    run = {"trainer_args": trainer_args, "callbacks": [report], "prepare": prepare_trainer}
-    if restored is None:
-        train(cfg, **run)
-    else:
-        with restored.as_directory() as directory:  # a restart: continue at the saved position
-            train(cfg, ckpt_path=os.path.join(directory, CHECKPOINT), **run)
+    callbacks = [
+        ReportCheckpoints(cfg.checkpoint.every_n_steps),
+        StopWhenTheDriverIsSignalled(config["stop"]),
+    ]
+    run = {"trainer_args": trainer_args, "callbacks": callbacks, "prepare": prepare_trainer}
+    try:
+        if restored is None:
+            train(cfg, **run)
+        else:
+            with restored.as_directory() as directory:  # a restart: continue at the saved position
+                train(cfg, ckpt_path=os.path.join(directory, CHECKPOINT), **run)
+    except Preempted:
+        return  # the position is reported to Ray; the driver exits with the signal's status
+
+
+class StopWhenTheDriverIsSignalled(L.Callback):
+    """Preemption under Ray: the scheduler signals the driver (`ray job stop`, a pod's SIGTERM),
+    which sets a flag in a small actor. Rank zero reads it about once a second and tells its
+    MidEpochCheckpoint, whose all-reduce stops every rank at the same step; the position is
+    reported to Ray and the workers end cleanly, so Ray does not restart them."""
+
+    def __init__(self, flag, every_s: float = 1.0):
+        self.flag, self.every_s, self._next = flag, every_s, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_rank != 0 or time.monotonic() < self._next:
+            return
+        import ray
+
+        self._next = time.monotonic() + self.every_s
+        signum = ray.get(self.flag.get.remote(), timeout=30)
+        if signum:
+            for callback in trainer.callbacks:
+                if isinstance(callback, MidEpochCheckpoint):
+                    callback.request_stop(signum)
+
+
+def _stop_flag():
+    """An actor holding the number of the signal the driver received (0: none)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self):
+            self.signum = 0
+
+        def set(self, signum: int) -> None:
+            self.signum = self.signum or signum
+
+        def get(self) -> int:
+            return self.signum
+
+    return StopFlag.remote()
+
+
+def _forward_signals(names: list[str], flag, grace_s: float) -> list[int]:
+    """Handlers for the driver: the first signal sets the flag (from a thread: no Ray call inside
+    a signal handler), a second stops the driver at once, and `grace_s` after the first it exits
+    whatever the workers do. Returns a list that holds the signal's number once one came."""
+    received: list[int] = []
+    came = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        came.set()
+
+    def forward() -> None:
+        came.wait()
+        flag.set.remote(received[0])
+        time.sleep(grace_s)  # the workers stop at their next step; past the grace the driver goes
+        log.error("error: the Ray workers did not stop within checkpoint.grace_s=%g s", grace_s)
+        logging.shutdown()
+        os._exit(128 + received[0])
+
+    threading.Thread(target=forward, daemon=True).start()
+    for name in names:
+        signal.signal(signal.Signals[name], handler)
+    return received
 
 
 def launch(cfg: DictConfig) -> dict:
@@ -115,9 +200,11 @@ def launch(cfg: DictConfig) -> dict:
         # machine with `ray start`), else a local one just for this run.
         ray.init(address=ray_cfg.address, runtime_env={"env_vars": env}, log_to_driver=True)
     storage = ray_cfg.storage_path or os.path.join(os.path.abspath(cfg.paths.log_dir), "ray")
+    flag = _stop_flag()
+    received = _forward_signals(list(cfg.checkpoint.on_signal), flag, cfg.checkpoint.grace_s)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True)},
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "stop": flag},
         scaling_config=ScalingConfig(
             num_workers=ray_cfg.num_workers,
             use_gpu=ray_cfg.use_gpu,
@@ -135,6 +222,13 @@ def launch(cfg: DictConfig) -> dict:
     except Exception as e:  # retries exhausted: the worker's own error is inside
         raise UserError(f"training on Ray failed after {ray_cfg.max_failures} restart(s): {e}") from None
     metrics = dict(result.metrics or {})
+    if received:
+        name = signal.Signals(received[0]).name
+        raise Preempted(
+            f"stopped by {name} at step {metrics.get('global_step')}: Ray keeps the exact position under "
+            f"{result.path}; run the same command to continue at that batch",
+            code=128 + received[0],
+        )
     log.info(
         "ray: %d workers finished at step %s; best checkpoint %s; checkpoints kept under %s",
         ray_cfg.num_workers,

@@ -36,6 +36,7 @@ from data.errors import UserError
 from train.classifier import backbone_problem
 
 POSITIVE = integer(1)
+SEED = integer(0, 2**32 - 1)  # what numpy and Lightning accept
 FRACTION = number(0, 1)  # a probability or share, both ends allowed
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 # Lightning's precision names (lightning.fabric.connector), plus the legacy short forms.
@@ -68,6 +69,12 @@ def _strategy(v: object) -> str | None:
     return None if v in known else choice(*known)(v)
 
 
+def _resources(v: object) -> str | None:
+    """Ray's resources per worker: {CPU: 8, GPU: 1, ...}."""
+    ok = isinstance(v, Mapping) and all(isinstance(k, str) and number(0)(n) is None for k, n in v.items())
+    return None if ok else "must be a mapping of resource names to amounts >= 0, e.g. {CPU: 8, GPU: 1}"
+
+
 DATA: dict[str, Rule] = {
     "data.index": optional(text),
     "data.batch_size": POSITIVE,
@@ -79,7 +86,7 @@ DATA: dict[str, Rule] = {
     "data.hflip": FRACTION,
     "data.crop_pct": number(0, 1, open_low=True),
     "data.shuffle_buffer": integer(0),
-    "data.seed": integer(),
+    "data.seed": SEED,
     "data.pin_memory": flag,
     "data.train_split": text,
     "data.val_split": text,
@@ -88,7 +95,7 @@ DATA: dict[str, Rule] = {
     "data.audit": flag,
     "data.audit_dir": text,
     "data.synthetic.num_samples": POSITIVE,
-    "data.synthetic.seed": integer(),
+    "data.synthetic.seed": SEED,
     "data.synthetic.image_size": integer(8),
     "data.synthetic.cache_dir": text,
 }
@@ -121,7 +128,7 @@ TRAINER: dict[str, Rule] = {
 
 TRAIN: dict[str, Rule] = {
     "name": text,
-    "seed": integer(),
+    "seed": SEED,
     "resume": optional(text),
     "checkpoint.every_n_steps": optional(POSITIVE),
     "checkpoint.on_signal": each(choice(*SIGNALS)),
@@ -156,6 +163,7 @@ TRAIN: dict[str, Rule] = {
     "launcher.strategy": choice("ddp", "fsdp"),
     "launcher.max_failures": integer(0, also=(-1,)),
     "launcher.storage_path": optional(text),
+    "launcher.resources_per_worker": optional(_resources),
     "launcher.address": optional(text),
     "paths.log_dir": text,
     "paths.output_dir": text,
@@ -166,7 +174,7 @@ EVALUATE: dict[str, Rule] = {  # ckpt and out: the commands say how to set them
     "overwrite": flag,
     "split": text,
     "name": optional(text),
-    "seed": integer(),
+    "seed": SEED,
     "gallery": integer(0),
     "defect.good": optional(text),
     "defect.classes": optional(each(text)),
@@ -185,7 +193,7 @@ EXPORT: dict[str, Rule] = {
     "parity.tolerance": optional(number(0, open_low=True)),
     "register": optional(text),
     "mlflow.tracking_uri": text,
-    "seed": integer(),
+    "seed": SEED,
     **DATA,
 }
 
