@@ -68,6 +68,31 @@ def make_cfg(tmp_path, tiny_index):
     return make
 
 
+@pytest.fixture
+def train_command(tiny_index):
+    """`python -m train` on `tiny_index`, shrunk like make_cfg (overrides given later win), for
+    tests that need a process of its own: signals, DDP, two runs at once."""
+
+    def command(*overrides: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "train",
+            "data=shards",
+            f"data.index={tiny_index}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "model.backbone=test_resnet",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ]
+
+    return command
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_index) -> str:
     """A checkpoint of 2 epochs of test_resnet at 32 px on `tiny_index` (its best.ckpt path)."""

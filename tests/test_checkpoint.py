@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,27 +34,15 @@ def small_disk(tmp_path, trained):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(tmp_path, tiny_index, small_disk):
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(tmp_path, train_command, small_disk):
     # last.ckpt at step 2 fits; step 4's is written beside it and does not, so the run stops.
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            "data=shards",
-            f"data.index={tiny_index}",
-            "data.image_size=32",
-            "data.batch_size=16",
-            "data.num_workers=0",
-            "model.backbone=test_resnet",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
+        train_command(
             "logger=none",
             "checkpoint.every_n_steps=2",
             f"callbacks.checkpoint.dirpath={small_disk}",
             f"callbacks.mid_epoch.dirpath={small_disk}",
-        ],
+        ),
         cwd=tmp_path,
         capture_output=True,
         text=True,

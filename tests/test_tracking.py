@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -49,28 +48,17 @@ def test_secrets_inside_values_are_removed(env):
     assert out["home"] == "not-a-secret-at-all"  # the variable's name is not secret-like
 
 
-def test_two_runs_started_together_share_the_default_mlflow_store(tmp_path, tiny_index):
+def test_two_runs_started_together_share_the_default_mlflow_store(tmp_path, train_command):
     """Two shells, one outputs/: MLflow's SQLite store is created by whichever comes first."""
     import mlflow
 
-    args = [
-        sys.executable,
-        "-m",
-        "train",
-        "data=shards",
-        f"data.index={tiny_index}",
-        "data.image_size=32",
+    args = train_command(
         "data.batch_size=32",
-        "data.num_workers=0",
-        "model.backbone=test_resnet",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
-        "trainer.enable_progress_bar=false",
         "logger=mlflow",
         "logger.mlflow.log_model=false",
         "name=together",
-    ]
+    )
     runs = [
         subprocess.Popen(
             [*args, f"hydra.run.dir={tmp_path}/run{i}"],

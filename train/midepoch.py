@@ -13,7 +13,9 @@ process exits 128 + the signal's number (143 for SIGTERM), the status a schedule
 Lightning's own SIGTERM handling stops the run at a step without a checkpoint and exits 0 (a
 scheduler reads that as success), so these handlers replace it for the fit. A second signal
 exits at once; a watchdog exits `grace_s` after the first if no step boundary came (a long
-validation, a stalled read), so the job never outlives the grace a scheduler gives it.
+validation, a stalled read), so the job never outlives the grace a scheduler gives it. A signal
+during validation takes effect at the first step after it: a checkpoint taken inside the epoch's
+validation does not resume exactly in Lightning, so none is taken there.
 """
 
 from __future__ import annotations
@@ -93,13 +95,7 @@ class MidEpochCheckpoint(L.Callback):
         self._step = step
         signum = self._agreed(trainer)
         if signum:
-            self._save(trainer)
-            name = signal.Signals(signum).name
-            raise Preempted(
-                f"stopped by {name} at epoch {trainer.current_epoch}, step {step}: the exact position is in "
-                f"{self.path}; run the same command with resume=auto to continue at this batch",
-                code=128 + signum,
-            )
+            self._stop(trainer, signum)
         if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved:
             self._save(trainer)
 
@@ -110,6 +106,15 @@ class MidEpochCheckpoint(L.Callback):
             return self._received
         flag = torch.tensor(self._received, device=trainer.strategy.root_device)
         return int(trainer.strategy.reduce(flag, reduce_op=torch.distributed.ReduceOp.MAX))
+
+    def _stop(self, trainer: L.Trainer, signum: int) -> None:
+        self._save(trainer)
+        raise Preempted(
+            f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}: the exact position is in {self.path}; run the same command with "
+            "resume=auto to continue at this batch",
+            code=128 + signum,
+        )
 
     def _save(self, trainer: L.Trainer) -> None:
         self._saved = trainer.global_step

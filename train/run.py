@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 import lightning.pytorch as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from data.datamodule import ShardDataModule
+from data.errors import Preempted
 from data.quality import BadDataMonitor
 from train import faults, settings
 from train.checkpoint import KEY, AtomicCheckpointIO, Lineage, lineage, load_checkpoint
@@ -79,6 +81,10 @@ def train(
     try:
         with shared_with_ranks(ckpt_path):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # in the moment before train.midepoch takes the signal over
+        if "SIGTERM" not in cfg.checkpoint.on_signal:
+            raise  # left to Lightning, as asked: it exits 0
+        raise Preempted("stopped by SIGTERM before the first step: resume=auto continues", code=143) from None
     finally:
         finish(loggers)
     return summarize(trainer, module, resumed_from=ckpt_path)
