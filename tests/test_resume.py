@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def wait_for_audit(proc: subprocess.Popen, directory: Path, lines: int) -> None:
     raise AssertionError(f"the run ended or stalled before its audit reached {lines} samples")
 
 
+@pytest.mark.slow
 def test_sigterm_at_a_random_step_then_the_same_command_continues_exactly(tmp_path, tiny_index, reference):
     """A requeued job: the same command, a fixed run directory and resume=auto. SIGTERM from
     outside at a random moment of the first two epochs stops it with a checkpoint at the next
@@ -203,6 +205,7 @@ def _wait_for_run(runs: Path) -> list[Path]:
     raise AssertionError(f"no run directory appeared under {runs}")
 
 
+@pytest.mark.slow
 def test_a_truncated_last_ckpt_falls_back_to_the_previous_good_one(tmp_path, tiny_index):
     first = train_cli(tmp_path, tiny_index, "name=torn", "trainer.max_epochs=1")
     (run_dir,) = (tmp_path / "outputs" / "torn").iterdir()
@@ -251,12 +254,13 @@ def test_resume_auto_continues_its_own_job_and_never_another_sweep_point(tmp_pat
 
     # A plain run (no Hydra around it, or mode RUN): the newest single run.
     assert resume.find_resume("auto", str(own), str(runs))[0] == str(single)
-    # A multirun job continues the earlier job of its own sweep point, by overrides.
-    monkeypatch.setattr(resume, "_job", lambda: (True, ["lr=1"]))
+    # A multirun job continues the earlier job of its own sweep point: the same lr, the setting
+    # that sweep varied, whatever else was added since.
+    monkeypatch.setattr(resume, "_job", lambda: {"lr": "1", "trainer.max_epochs": "5"})
     assert resume.find_resume("auto", str(own), str(runs))[0] == str(job0)
-    monkeypatch.setattr(resume, "_job", lambda: (True, ["lr=3"]))
+    monkeypatch.setattr(resume, "_job", lambda: {"lr": "3"})
     assert resume.find_resume("auto", str(own), str(runs))[0] == str(job1)
-    monkeypatch.setattr(resume, "_job", lambda: (True, ["lr=9"]))
+    monkeypatch.setattr(resume, "_job", lambda: {"lr": "9"})
     assert resume.find_resume("auto", str(own), str(runs)) == (None, {})
     # Its own directory (a fixed hydra.run.dir) comes before anything else.
     own.mkdir(parents=True)
@@ -293,3 +297,38 @@ def test_a_resumed_run_keeps_the_best_checkpoints_of_the_run_it_continues(tmp_pa
     assert callback.kth_best_model_path == str(new / "epoch004.ckpt")
     assert float(callback.kth_value) == pytest.approx(0.8)
     assert sorted(os.listdir(old)) == ["epoch003.ckpt", "epoch004.ckpt"]  # the old run keeps its files
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_with_resume_auto_continues_each_point_from_its_own_job(tmp_path, train_command):
+    sweep = ("-m", "name=sweep", "resume=auto", "logger=none", "optim.optimizer.lr=1e-3,3e-3")
+    first = subprocess.run(train_command(*sweep), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old,) = (tmp_path / "outputs" / "sweep").glob("multirun-*")
+    # One more epoch; the sweep's points listed the other way round, so job numbers swap.
+    more = (*sweep[:-1], "trainer.max_epochs=2", "optim.optimizer.lr=3e-3,1e-3")
+    again = subprocess.run(train_command(*more), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    chosen = re.findall(r"resume=auto: continuing from (\S+)", log)
+    assert chosen == [f"{old}/1/checkpoints/last.ckpt", f"{old}/0/checkpoints/last.ckpt"]
+
+
+def test_resume_auto_passes_over_a_torn_checkpoint_and_stops_when_none_loads(tmp_path, trained, caplog):
+    from data.errors import UserError
+    from train import resume
+
+    runs = tmp_path / "outputs" / "torn"
+    last = _run(runs, "2026-01-02_00-00-00", "RUN", [], trained, 300)
+    older = last.parent / "epoch000.ckpt"
+    older.write_bytes(Path(trained).read_bytes())
+    os.utime(older, (200, 200))
+    last.write_bytes(last.read_bytes()[:10_000])
+    with caplog.at_level("WARNING", logger="train"):
+        assert resume.find_resume("auto", str(tmp_path / "new"), str(runs))[0] == str(older)
+    assert f"passing over {last}: checkpoint {last} is unreadable, truncated or corrupt" in caplog.text
+    older.write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        UserError, match=r"resume=auto: no checkpoint of this run loads \(.*last.ckpt, .*epoch000"
+    ):
+        resume.find_resume("auto", str(tmp_path / "new"), str(runs))

@@ -151,26 +151,43 @@ def test_a_config_that_does_not_resolve_is_one_message(tmp_path):
         settings.check(cfg, "train")
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_every_command_line_exits_2_with_one_line_before_any_work(tmp_path):
     # The embedded set would be generated into the cache first: the check comes before it.
     cache = tmp_path / "cache"
-    train = cli(
-        "train", "+experiment=quickstart", "data.batch_size=0", f"paths.cache_dir={cache}", cwd=tmp_path
-    )
-    evaluate = cli("train.evaluate", "ckpt=x.ckpt", "out=eval", "gallery=-1", cwd=tmp_path)
-    export = cli("train.export", "ckpt=x.ckpt", "out=b", "format=tflite", cwd=tmp_path)
-    data = cli("data", "write", "--synthetic", "10", str(tmp_path / "shards"), "--workers", "0", cwd=tmp_path)
-    for run, message in [
-        (train, "data.batch_size=0: must be a positive integer"),
-        (evaluate, "gallery=-1: must be an integer >= 0"),
-        (export, "format=tflite: must be one of onnx, torchscript, coreml"),
-        (data, "argument --workers: 0: must be a positive integer"),
-    ]:
-        output = run.stdout + run.stderr
+    runs = [  # started together: each spends its time importing
+        (
+            cli(
+                "train",
+                "+experiment=quickstart",
+                "data.batch_size=0",
+                f"paths.cache_dir={cache}",
+                cwd=tmp_path,
+            ),
+            "data.batch_size=0: must be a positive integer",
+        ),
+        (
+            cli("train.evaluate", "ckpt=x.ckpt", "out=eval", "gallery=-1", cwd=tmp_path),
+            "gallery=-1: must be an integer >= 0",
+        ),
+        (
+            cli("train.export", "ckpt=x.ckpt", "out=b", "format=tflite", cwd=tmp_path),
+            "format=tflite: must be one of onnx, torchscript, coreml",
+        ),
+        (
+            cli(
+                "data", "write", "--synthetic", "10", str(tmp_path / "shards"), "--workers", "0", cwd=tmp_path
+            ),
+            "argument --workers: 0: must be a positive integer",
+        ),
+    ]
+    for run, message in runs:
+        output = run.communicate(timeout=300)[0]
         assert run.returncode == 2, output[-2000:]
         assert "Traceback" not in output
         assert next(line for line in output.splitlines() if "error:" in line).endswith(message)

@@ -48,6 +48,7 @@ def test_secrets_inside_values_are_removed(env):
     assert out["home"] == "not-a-secret-at-all"  # the variable's name is not secret-like
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_share_the_default_mlflow_store(tmp_path, train_command):
     """Two shells, one outputs/: MLflow's SQLite store is created by whichever comes first."""
     import mlflow

@@ -4,7 +4,7 @@
 
     1. this run's own checkpoint directory: a requeued job whose hydra.run.dir is fixed
     2. the other runs under paths.log_dir/NAME, newest first: for a single run the single runs,
-       for a multirun job the earlier jobs with the same overrides (never another sweep point)
+       for a multirun job the earlier jobs at its point of the sweep (never another point)
 
 In each run it takes `last.ckpt`, else the newest other checkpoint. A file that does not load
 (truncated by a crash, corrupt) is passed over with a warning for the next one; it says which
@@ -100,32 +100,48 @@ def _in_order(checkpoints: str) -> list[str]:
     return sorted(newest_first, key=lambda p: os.path.basename(p) != "last.ckpt")
 
 
-def _job() -> tuple[bool, list[str]] | None:
-    """(a multirun job?, its overrides but resume) of this Hydra run; None outside Hydra."""
+def _job() -> dict[str, str] | None:
+    """This run's overrides as {key: value} when it is a job of a multirun sweep, else None."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    hydra = HydraConfig.get()
-    multirun = str(hydra.mode) == "RunMode.MULTIRUN"
-    return multirun, sorted(o for o in hydra.overrides.task if not o.startswith("resume="))
+    return _as_dict(HydraConfig.get().overrides.task)
 
 
-def _same_job(checkpoints: str, job: tuple[bool, list[str]] | None) -> bool:
-    """Whether the run owning `checkpoints` is one this run may continue: a single run continues
-    single runs (its settings may change: an elastic resume), a multirun job only the earlier
-    job of the same sweep point, by its overrides in .hydra/."""
-    hydra_dir = os.path.join(os.path.dirname(checkpoints), ".hydra")
+def _as_dict(overrides: list[str]) -> dict[str, str]:
+    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o and not o.startswith("resume="))
+
+
+def _record(run_dir: str) -> tuple[str | None, dict[str, str]]:
+    """(Hydra's mode, the overrides) a run directory's .hydra/ records; (None, {}) without one."""
+    hydra_dir = os.path.join(run_dir, ".hydra")
     try:
         with open(os.path.join(hydra_dir, "hydra.yaml")) as f:
             mode = yaml.safe_load(f)["hydra"]["mode"]
         with open(os.path.join(hydra_dir, "overrides.yaml")) as f:
-            overrides = sorted(o for o in yaml.safe_load(f) or [] if not o.startswith("resume="))
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        mode, overrides = None, []  # no Hydra record (a run from Python): a single run
-    if job is None or not job[0]:
+            return mode, _as_dict(yaml.safe_load(f) or [])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None, {}  # no Hydra record (a run from Python): a single run
+
+
+def _same_job(checkpoints: str, job: dict[str, str] | None) -> bool:
+    """Whether the run owning `checkpoints` is one this run may continue. A single run continues
+    single runs (whose settings may differ: an elastic resume). A multirun job continues a job of
+    an earlier sweep at the same point: the same values of the settings that earlier sweep
+    varied (found from its jobs' .hydra/overrides.yaml), whatever else changed since (one more
+    epoch, say) and whatever job number the point has now."""
+    run_dir = os.path.dirname(checkpoints)
+    mode, overrides = _record(run_dir)
+    if job is None:
         return mode != "MULTIRUN"
-    return mode == "MULTIRUN" and overrides == job[1]
+    if mode != "MULTIRUN":
+        return False
+    sweep = os.path.dirname(run_dir)
+    points = [_record(os.path.join(sweep, d))[1] for d in os.listdir(sweep)]
+    varied = {k for p in points for k in p if len({q.get(k) for q in points}) > 1}
+    return all(overrides.get(k) == job.get(k) for k in varied)
 
 
 def check_resumable(path: str, meta: dict, spec: ModelSpec) -> None:
