@@ -250,6 +250,7 @@ def test_resume_auto_continues_its_own_job_and_never_another_sweep_point(tmp_pat
     single = _run(runs, "2026-01-01_00-00-00", "RUN", ["lr=1"], trained, 100)
     job0 = _run(runs, "multirun-1/0", "MULTIRUN", ["lr=1", "resume=auto"], trained, 200)
     job1 = _run(runs, "multirun-1/1", "MULTIRUN", ["lr=3"], trained, 300)  # the newest
+    (runs / "multirun-1" / "multirun.yaml").write_text("hydra: {}\n")  # Hydra writes one beside the jobs
     own = tmp_path / "fixed" / "checkpoints"
 
     # A plain run (no Hydra around it, or mode RUN): the newest single run.
@@ -301,13 +302,17 @@ def test_a_resumed_run_keeps_the_best_checkpoints_of_the_run_it_continues(tmp_pa
 
 @pytest.mark.slow
 def test_a_sweep_run_again_with_resume_auto_continues_each_point_from_its_own_job(tmp_path, train_command):
-    sweep = ("-m", "name=sweep", "resume=auto", "logger=none", "optim.optimizer.lr=1e-3,3e-3")
-    first = subprocess.run(train_command(*sweep), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    def multirun(*overrides: str) -> list[str]:
+        command = train_command(*overrides)
+        return [*command[:3], "--multirun", *command[3:]]  # Hydra's flags go before the overrides
+
+    sweep = ("name=sweep", "resume=auto", "logger=none", "optim.optimizer.lr=1e-3,3e-3")
+    first = subprocess.run(multirun(*sweep), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     (old,) = (tmp_path / "outputs" / "sweep").glob("multirun-*")
     # One more epoch; the sweep's points listed the other way round, so job numbers swap.
     more = (*sweep[:-1], "trainer.max_epochs=2", "optim.optimizer.lr=3e-3,1e-3")
-    again = subprocess.run(train_command(*more), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(multirun(*more), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
     chosen = re.findall(r"resume=auto: continuing from (\S+)", log)

@@ -155,10 +155,11 @@ def _stop_flag():
     return StopFlag.remote()
 
 
-def _forward_signals(names: list[str], flag, grace_s: float) -> list[int]:
+def _forward_signals(names: list[str], flag, grace_s: float) -> tuple[list[int], dict]:
     """Handlers for the driver: the first signal sets the flag (from a thread: no Ray call inside
     a signal handler), a second stops the driver at once, and `grace_s` after the first it exits
-    whatever the workers do. Returns a list that holds the signal's number once one came."""
+    whatever the workers do. Returns a list that holds the signal's number once one came, and
+    the handlers they replaced."""
     received: list[int] = []
     came = threading.Event()
 
@@ -179,9 +180,7 @@ def _forward_signals(names: list[str], flag, grace_s: float) -> list[int]:
         os._exit(128 + received[0])
 
     threading.Thread(target=forward, daemon=True).start()
-    for name in names:
-        signal.signal(signal.Signals[name], handler)
-    return received
+    return received, {signal.Signals[n]: signal.signal(signal.Signals[n], handler) for n in names}
 
 
 def launch(cfg: DictConfig) -> dict:
@@ -201,7 +200,7 @@ def launch(cfg: DictConfig) -> dict:
         ray.init(address=ray_cfg.address, runtime_env={"env_vars": env}, log_to_driver=True)
     storage = ray_cfg.storage_path or os.path.join(os.path.abspath(cfg.paths.log_dir), "ray")
     flag = _stop_flag()
-    received = _forward_signals(list(cfg.checkpoint.on_signal), flag, cfg.checkpoint.grace_s)
+    received, previous = _forward_signals(list(cfg.checkpoint.on_signal), flag, cfg.checkpoint.grace_s)
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "stop": flag},
@@ -221,6 +220,9 @@ def launch(cfg: DictConfig) -> dict:
         result = trainer.fit()
     except Exception as e:  # retries exhausted: the worker's own error is inside
         raise UserError(f"training on Ray failed after {ray_cfg.max_failures} restart(s): {e}") from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     metrics = dict(result.metrics or {})
     if received:
         name = signal.Signals(received[0]).name

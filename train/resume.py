@@ -139,7 +139,8 @@ def _same_job(checkpoints: str, job: dict[str, str] | None) -> bool:
     if mode != "MULTIRUN":
         return False
     sweep = os.path.dirname(run_dir)
-    points = [_record(os.path.join(sweep, d))[1] for d in os.listdir(sweep)]
+    records = [_record(os.path.join(sweep, d)) for d in os.listdir(sweep)]  # multirun.yaml is there too
+    points = [o for m, o in records if m == "MULTIRUN"]
     varied = {k for p in points for k in p if len({q.get(k) for q in points}) > 1}
     return all(overrides.get(k) == job.get(k) for k in varied)
 
