@@ -145,27 +145,17 @@ def test_mixed_precision_via_the_trainer(make_cfg, precision):
     assert "val/acc" in result["metrics"]
 
 
-def test_two_process_ddp_on_cpu_counts_every_val_sample_once(tmp_path, tiny_index):
+def test_two_process_ddp_on_cpu_counts_every_val_sample_once(tmp_path, train_command):
     # Lightning's DDP launcher re-runs the command line for rank 1, so this goes through the CLI.
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            "data=shards",
-            f"data.index={tiny_index}",
-            "data.image_size=32",
-            "data.batch_size=16",
+        train_command(
             "data.num_workers=1",
-            "model.backbone=test_resnet",
             "trainer=ddp",
             "trainer.accelerator=cpu",
             "trainer.devices=2",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
             "logger=csv",
             "data.audit=true",
-        ],
+        ),
         capture_output=True,
         text=True,
         cwd=tmp_path,
