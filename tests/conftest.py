@@ -42,6 +42,22 @@ def compose():
     return compose_cfg
 
 
+def tiny(index: str) -> tuple[str, ...]:
+    """Overrides that shrink a run to one CPU epoch of test_resnet at 32 px on `index`; overrides
+    given after them win."""
+    return (
+        "data=shards",
+        f"data.index={index}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "model.backbone=test_resnet",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    )
+
+
 @pytest.fixture
 def make_cfg(tmp_path, tiny_index):
     """The real config, shrunk for a CPU test; extra overrides win."""
@@ -51,17 +67,9 @@ def make_cfg(tmp_path, tiny_index):
             f"paths.log_dir={tmp_path}/outputs",
             f"paths.output_dir={tmp_path}/outputs/run",
             f"paths.cache_dir={tmp_path}/cache",
-            "data=shards",
-            f"data.index={tiny_index}",
-            "data.image_size=32",
-            "data.batch_size=16",
-            "data.num_workers=0",
+            *tiny(tiny_index),
             "data.shuffle_buffer=16",
-            "model.backbone=test_resnet",
             "optim.scheduler.warmup_steps=2",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
             *overrides,
         )
 
@@ -74,21 +82,7 @@ def train_command(tiny_index):
     tests that need a process of its own: signals, DDP, two runs at once."""
 
     def command(*overrides: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "train",
-            "data=shards",
-            f"data.index={tiny_index}",
-            "data.image_size=32",
-            "data.batch_size=16",
-            "data.num_workers=0",
-            "model.backbone=test_resnet",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            *overrides,
-        ]
+        return [sys.executable, "-m", "train", *tiny(tiny_index), *overrides]
 
     return command
 
@@ -102,15 +96,8 @@ def trained(tmp_path_factory, tiny_index) -> str:
     cfg = compose_cfg(
         f"paths.log_dir={root}/outputs",
         f"paths.output_dir={root}/outputs/run",
-        "data=shards",
-        f"data.index={tiny_index}",
-        "data.image_size=32",
-        "data.batch_size=16",
-        "data.num_workers=0",
-        "model.backbone=test_resnet",
-        "trainer=cpu",
+        *tiny(tiny_index),
         "trainer.max_epochs=2",
-        "trainer.enable_progress_bar=false",
         "logger=none",
         "name=trained",
     )
