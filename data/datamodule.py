@@ -10,6 +10,7 @@ from typing import Literal
 
 import lightning.pytorch as L
 
+from data import targets
 from data.audit import Audit
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
@@ -33,7 +34,8 @@ class ShardDataModule(L.LightningDataModule):
     tail under world × batch samples is dropped) and validation reads every sample exactly once.
     `index` is the data set's dataset.json; left None, the embedded inspection set described by
     `synthetic` (num_samples, seed, image_size, cache_dir) is used, and `prepare_data` writes it
-    on first use. A given index is never generated over.
+    on first use. A given index is never generated over. `target` and `eval_fit` come from the
+    task: what each sample's target is, and how evaluation fits an image to the input size.
     """
 
     def __init__(
@@ -57,13 +59,16 @@ class ShardDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.01,
         missing_shards: Literal["fail", "skip"] = "fail",
         persistent_workers: bool = True,
+        target: Literal["class", "labels", "mask"] = "class",
+        eval_fit: Literal["crop", "stretch"] = "crop",
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
         self.train_split, self.val_split = train_split, val_split
         self.train_transform = TrainTransform(image_size, tuple(train_scale), tuple(train_ratio), hflip)
-        self.eval_transform = EvalTransform(image_size, crop_pct)
+        self.eval_transform = EvalTransform(image_size, crop_pct, eval_fit)
+        self.target = target  # what the task learns: set by the task (train/tasks), not by config
         self.synthetic = dict(synthetic) if index is None and synthetic else None
         self._index_url = None if index is None else str(index)
         self._resume: dict | None = None  # a checkpoint's position, until its epoch starts
@@ -77,7 +82,9 @@ class ShardDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.synthetic:
             s = self.synthetic
-            ensure_synthetic(self.index_url, s["num_samples"], s["seed"], s["image_size"])
+            ensure_synthetic(
+                self.index_url, s["num_samples"], s["seed"], s["image_size"], s.get("multi", 0.0)
+            )
 
     @property
     def index_url(self) -> str:
@@ -93,7 +100,13 @@ class ShardDataModule(L.LightningDataModule):
     @cached_property
     def index(self) -> DatasetIndex:
         self.prepare_data()
-        return load_index(self.index_url)
+        index = load_index(self.index_url)
+        if self.target == "mask" and "created_by" in index.extra and not index.extra.get("masks"):
+            raise UserError(
+                f"task=segment needs masks, and the data set {index.location} was written without any: "
+                "write it with a mask column (python -m data write --from-manifest, or the MVTec AD layout)"
+            )
+        return index
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -129,7 +142,9 @@ class ShardDataModule(L.LightningDataModule):
         else:
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
-            ShardStream(urls, plan, transform, self.index.labels, self.missing_shards),
+            ShardStream(
+                urls, plan, transform, targets.reader(self.target, self.index.labels), self.missing_shards
+            ),
             settle,
             length,
             num_workers=self.num_workers,

@@ -2,18 +2,21 @@
 
 A class histogram per split (one sequential pass over the shards, labels only) and a PNG grid
 with a row of sample images per class, each row labelled, for a person to check that the
-classes look like what they are called.
+classes look like what they are called; where a sample has a mask, its defect pixels are
+outlined in red over the image, to check that masks and images line up.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from data.decode import decode_rgb, open_image
 from data.index import DatasetIndex
 from data.samples import BadSample, image_bytes, read_shard
+from data.targets import MASK_EXT, Mask
 
 THUMB = 96  # grid cell side, pixels
 LABEL_WIDTH = 110  # left margin for the class names, pixels
@@ -34,6 +37,14 @@ def histogram(index: DatasetIndex) -> dict[str, Counter]:
     return counts
 
 
+def _overlay(im: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The thumbnail with the mask's defect pixels tinted red (half transparent)."""
+    m = np.asarray(Image.fromarray((mask > 0).astype(np.uint8) * 255).resize(im.size, Image.NEAREST)) > 0
+    pixels = np.asarray(im.convert("RGB")).copy()
+    pixels[m] = (pixels[m] * 0.5 + np.array([255, 0, 0]) * 0.5).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
 def sample_grid(index: DatasetIndex, split: str, per_class: int = 8) -> Image.Image:
     """The first `per_class` decodable images of each class in `split`, one row per class."""
     rows: dict[int, list[Image.Image]] = {c: [] for c in range(len(index.classes))}
@@ -44,8 +55,10 @@ def sample_grid(index: DatasetIndex, split: str, per_class: int = 8) -> Image.Im
                 c = index.labels(sample)
                 if len(rows[c]) < per_class:
                     im = open_image(image_bytes(sample))
-                    im = decode_rgb(im, min(im.size) / THUMB)
-                    rows[c].append(im.resize((THUMB, THUMB), Image.BILINEAR))
+                    im = decode_rgb(im, min(im.size) / THUMB).resize((THUMB, THUMB), Image.BILINEAR)
+                    if MASK_EXT in sample:
+                        im = _overlay(im, Mask(index.labels)(sample))
+                    rows[c].append(im)
             except (BadSample, OSError, ValueError):
                 continue  # the grid shows what decodes; `data verify` reports the rest
         if all(len(r) == per_class for r in rows.values()):

@@ -1,5 +1,6 @@
-"""Where images come from before they become shards: a class-per-folder tree, a manifest, or the
-embedded synthetic set. Each source lists `Item`s cheaply; the bytes are read later, in parallel.
+"""Where images come from before they become shards: a class-per-folder tree, the MVTec AD
+layout, a manifest, or the embedded synthetic set. Each source lists `Item`s cheaply; the bytes
+are read later, in parallel.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ import io
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from data.errors import UserError
+from data.targets import encode_mask, find_good, good_first, split_labels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -22,6 +24,7 @@ class Payload:
     data: bytes
     ext: str  # "jpg", "png", ... as it will be named in the shard
     meta: dict = field(default_factory=dict)  # learned while reading (e.g. what was drawn)
+    mask: bytes | None = None  # KEY.mask.png: single-channel PNG of class indices (0: good)
 
 
 @dataclass(frozen=True)
@@ -29,21 +32,40 @@ class Item:
     label: str
     read: Callable[[], Payload]  # picklable (a partial of a module function): runs in a worker
     source: str  # path or name, for messages and KEY.json
-    split: str | None = None  # None: the writer assigns train/val
+    split: str | None = None  # None: the writer assigns val (by --val-fraction) or `rest`
     meta: dict = field(default_factory=dict)  # extra manifest columns, carried into KEY.json
+    mask: str | None = None  # the mask's path or name: the data set then has masks
+    rest: str = "train"  # an unsplit item not drawn for val goes here (MVTec's test images: test)
 
 
-def read_file(path: str) -> Payload:
+def read_file(path: str, mask: str | None = None) -> Payload:
     with open(path, "rb") as f:
         data = f.read()
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    return Payload(data, "jpg" if ext == "jpeg" else ext)
+    mask_data = None
+    if mask:
+        with open(mask, "rb") as f:
+            mask_data = f.read()
+    return Payload(data, "jpg" if ext == "jpeg" else ext, mask=mask_data)
+
+
+def _missing_masks(items: list[Item], where: str) -> None:
+    """Every missing mask file named before anything is written."""
+    missing = [i.mask for i in items if i.mask and not os.path.isfile(i.mask)]
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (
+            f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        )
+        raise UserError(f"{where}: {len(missing)} mask file(s) missing, nothing written:\n  {shown}")
 
 
 def from_folder(root: str) -> list[Item]:
-    """One subfolder per class; files sorted so the same tree always lists the same way."""
+    """One subfolder per class, or the MVTec AD layout; files sorted so the same tree always
+    lists the same way."""
     if not os.path.isdir(root):
         raise UserError(f"--from-folder {root}: not a directory (expected one subfolder per class)")
+    if is_mvtec(root):
+        return from_mvtec(root)
     items = []
     for label in sorted(os.listdir(root)):
         class_dir = os.path.join(root, label)
@@ -60,10 +82,46 @@ def from_folder(root: str) -> list[Item]:
     return items
 
 
-def from_manifest(path: str) -> list[Item]:
-    """CSV or JSON Lines with `path` and `label`, optional `split`; other columns go to KEY.json.
+def _files(folder: str) -> list[str]:
+    return sorted(
+        n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
+    )
 
-    Relative paths resolve against the manifest's own directory.
+
+def is_mvtec(root: str) -> bool:
+    return all(os.path.isdir(os.path.join(root, *d)) for d in (("train", "good"), ("test",)))
+
+
+def from_mvtec(root: str) -> list[Item]:
+    """The MVTec AD layout as it is: train/good/ (good parts only), test/<class>/ with masks at
+    ground_truth/<class>/<name>_mask.png for every class but good. Train keeps its split; test
+    images give val (--val-fraction, stratified) and the rest stay test."""
+    items = []
+    for name in _files(os.path.join(root, "train", "good")):
+        rel = f"train/good/{name}"
+        items.append(Item("good", partial(read_file, os.path.join(root, rel)), rel, "train", {"source": rel}))
+    test = os.path.join(root, "test")
+    for label in sorted(
+        d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d)) and not d.startswith(".")
+    ):
+        for name in _files(os.path.join(test, label)):
+            rel = f"test/{label}/{name}"
+            mask = None
+            if label != "good":
+                mask = os.path.join(root, "ground_truth", label, f"{os.path.splitext(name)[0]}_mask.png")
+            read = partial(read_file, os.path.join(root, rel), mask)
+            items.append(Item(label, read, rel, None, {"source": rel}, mask=mask, rest="test"))
+    _missing_masks(items, f"--from-folder {root} (MVTec AD layout)")
+    return items
+
+
+def from_manifest(path: str) -> list[Item]:
+    """CSV or JSON Lines with `path` and `label` (or `labels`), optional `split` and `mask`; other
+    columns go to KEY.json.
+
+    `labels` names a part's defects, ";"-separated (empty: a good part); `mask` is the path of a
+    single-channel PNG of class indices (0: good), or a binary mask of the row's `label`. Relative
+    paths resolve against the manifest's own directory.
     """
     if not os.path.isfile(path):
         raise UserError(f"--from-manifest {path}: no such file")
@@ -78,40 +136,57 @@ def from_manifest(path: str) -> list[Item]:
     base = os.path.dirname(os.path.abspath(path))
     items = []
     for line, row in enumerate(rows, start=2 if path.endswith(".csv") else 1):
+        has_labels = "labels" in row and row["labels"] is not None
         missing = [c for c in ("path", "label") if not str(row.get(c) or "").strip()]
+        if has_labels and missing == ["label"]:
+            missing = []  # a multi-label row: its class is its first label (or good, below)
         if missing:
             raise UserError(
-                f"{path}:{line}: missing {', '.join(missing)} (columns found: {sorted(row)}; "
-                "a manifest needs path,label and may have split plus any other columns)"
+                f"{path}:{line}: missing {', '.join(missing)} (columns found: {sorted(row)}; a manifest "
+                "needs path and label (or labels) and may have split, mask plus any other columns)"
             )
         file = os.path.join(base, row["path"])
         split = str(row.get("split") or "").strip() or None
-        meta = {k: v for k, v in row.items() if k not in ("label", "split")}
-        items.append(Item(str(row["label"]).strip(), partial(read_file, file), row["path"], split, meta))
+        mask = os.path.join(base, str(row["mask"]).strip()) if str(row.get("mask") or "").strip() else None
+        meta = {k: v for k, v in row.items() if k not in ("label", "split", "mask")}
+        label = str(row.get("label") or "").strip() or next(iter(split_labels(row["labels"])), "")
+        items.append(Item(label, partial(read_file, file, mask), row["path"], split, meta, mask=mask))
+    names = {i.label for i in items if i.label} | {
+        n for i in items for n in split_labels(i.meta.get("labels"))
+    }
+    good = find_good(names) or "good"  # rows with no label and no defect labels are good parts
+    items = [i if i.label else replace(i, label=good) for i in items]
+    _missing_masks(items, f"--from-manifest {path}")
     return items
 
 
-def render_synthetic(seed: int, index: int, size: int) -> Payload:
+def render_synthetic(seed: int, index: int, size: int, multi: float = 0.0) -> Payload:
+    import numpy as np
     from PIL import Image
 
     from data import synthetic
 
-    pixels, _, drawn = synthetic.render(seed, index, size)
+    pixels, _, drawn, mask = synthetic.render_part(seed, index, size, multi)
     buf = io.BytesIO()
     # Fixed quality and no optimisation passes: identical bytes on every run.
     Image.fromarray(pixels).save(buf, format="JPEG", quality=92)
-    return Payload(buf.getvalue(), "jpg", drawn)
+    # The renderer's class indices → the data set's (good first, then sorted).
+    order = good_first(synthetic.CLASSES)
+    remap = np.array([order.index(c) for c in synthetic.CLASSES], np.uint8)
+    return Payload(buf.getvalue(), "jpg", drawn, encode_mask(remap[mask]))
 
 
-def from_synthetic(num_samples: int, seed: int, size: int) -> list[Item]:
+def from_synthetic(num_samples: int, seed: int, size: int, multi: float = 0.0) -> list[Item]:
+    """The embedded set; `multi`: the share of defective parts with defects of several kinds."""
     from data import synthetic
 
     return [
         Item(
             synthetic.CLASSES[synthetic.label_of(seed, i)],
-            partial(render_synthetic, seed, i, size),
+            partial(render_synthetic, seed, i, size, multi),
             f"synthetic:{seed}/{i}",
             meta={"source": f"synthetic:{seed}/{i}"},
+            mask=f"synthetic:{seed}/{i}",
         )
         for i in range(num_samples)
     ]

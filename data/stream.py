@@ -2,10 +2,13 @@
 
     plan.worker_samples()        (shard, sample) in the order this worker yields them
       └─ read_planned           {"__key__", "__url__", "jpg", "cls", ...} raw bytes from the tars
-         └─ decode_samples      (uint8 (3, S, S) image, class index, key), or None where a
-            │                   sample cannot train (counted per reason and shard)
-            └─ batched          one batch per planned group: (uint8 (b, 3, S, S), int64 (b,),
-                                b keys, bad counts since the last batch), b <= B
+         └─ decode_samples      (uint8 (3, S, S) image, target, key), or None where a sample
+            │                   cannot train (counted per reason and shard); the target is the
+            │                   task's (data/targets.py): class index, multi-hot, or mask
+            └─ batched          one batch per planned group: (uint8 (b, 3, S, S), targets
+                                (int64 (b,), float (b, C), uint8 (b, H, W) or a list of masks
+                                of their images' sizes), b keys, bad counts since the last
+                                batch), b <= B
 
 Tars are opened through fsspec, so local paths and s3:// / gs:// / https:// read alike, and parsed
 by data/tar.py (webdataset's file grouping, a faster header parser): nothing in a shard is
@@ -110,19 +113,24 @@ def read_planned(
 
 def decode_samples(
     samples: Iterable[dict | None],
-    transform: Callable[[bytes], torch.Tensor],
-    labels: Callable[[dict], int],
+    transform: Callable,
+    targets: Callable[[dict], object],
     bad: BadSamples,
-) -> Iterator[tuple[torch.Tensor, int, str] | None]:
-    """(image, class index, key) per planned sample, or None where it cannot train."""
+) -> Iterator[tuple[torch.Tensor, object, str] | None]:
+    """(image, target, key) per planned sample, or None where it cannot train. A spatial target
+    (a mask) goes through the transform with its image, so both get the same crop and flip."""
     for sample in samples:
         if sample is None:  # lost upstream, already counted
             yield None
             continue
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         try:
-            image = transform(shard_samples.image_bytes(sample))
-            target = labels(sample)
+            data = shard_samples.image_bytes(sample)
+            if getattr(targets, "spatial", False):
+                image, target = transform(data, targets(sample))
+            else:  # the image first: a corrupt image counts as one, whatever its label
+                image = transform(data)
+                target = targets(sample)
         except BadSample as e:
             bad(str(e), url, key)
             image = None
@@ -171,13 +179,25 @@ def _split(items: list[tuple], parts: int, bad: BadSamples) -> Iterator[tuple]:
     for p in range(parts):
         chunk = items[start : start + base + (p < extra)]
         start += len(chunk)
-        images, labels, keys = zip(*chunk)
-        yield _stack(images), torch.tensor(labels), list(keys), bad.take()
+        images, targets, keys = zip(*chunk)
+        yield _stack(images), _targets(targets), list(keys), bad.take()
+
+
+def _targets(targets: Sequence) -> torch.Tensor | list[torch.Tensor]:
+    """Class indices → int64 (b,); multi-hot rows or masks of one shape → stacked; masks of
+    several sizes (evaluation keeps each image's own) → a list."""
+    first = targets[0]
+    if isinstance(first, int):
+        return torch.tensor(targets)
+    targets = [torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in targets]
+    if all(t.shape == targets[0].shape for t in targets):
+        return _stack(targets)
+    return targets
 
 
 def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """uint8 (b, 3, S, S). In a loader worker it is built straight in shared memory, as torch's
-    default collate does, so handing the batch to the main process costs no second copy."""
+    """(b, ...) of equal tensors. In a loader worker it is built straight in shared memory, as
+    torch's default collate does, so handing the batch to the main process costs no second copy."""
     first, out = images[0], None
     if get_worker_info() is not None:
         storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
@@ -198,10 +218,10 @@ class ShardStream(IterableDataset):
         urls: Sequence[str],
         plan: EpochPlan,
         transform: Callable,
-        labels: Callable,
+        targets: Callable,  # sample → the task's target (data/targets.py)
         missing: str = "fail",  # a shard listed but not found: "fail", or "skip" its samples
     ):
-        self.urls, self.plan, self.transform, self.labels = list(urls), plan, transform, labels
+        self.urls, self.plan, self.transform, self.targets = list(urls), plan, transform, targets
         self.missing = missing
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, consumed batches)
 
@@ -224,4 +244,4 @@ class ShardStream(IterableDataset):
         bad = BadSamples()
         samples = replace(self.plan, epoch=epoch).worker_samples(worker, consumed)
         read = read_planned(samples, self.urls, bad, self.missing)
-        yield from batched(decode_samples(read, self.transform, self.labels, bad), self.plan.batch_size, bad)
+        yield from batched(decode_samples(read, self.transform, self.targets, bad), self.plan.batch_size, bad)

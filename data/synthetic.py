@@ -47,6 +47,18 @@ def render(seed: int, index: int, size: int) -> tuple[np.ndarray, int, dict]:
     The dict is JSON-serialisable; positions (y, x) and lengths in it are pixels of this image,
     with (0, 0) the centre of the top-left pixel; angles are degrees.
     """
+    image, label, drawn, _ = render_part(seed, index, size)
+    return image, label, drawn
+
+
+def render_part(
+    seed: int, index: int, size: int, multi: float = 0.0
+) -> tuple[np.ndarray, int, dict, np.ndarray]:
+    """`render`, plus where each defect was drawn: a (size, size) uint8 mask of CLASSES indices
+    (a pixel belongs to a defect where the defect covers at least half of it). With `multi` > 0
+    that share of the defective parts also gets one or two defects of other kinds (drawn from
+    their own generator, so the part's first defect and its lighting are those of `render`);
+    `drawn["labels"]` names every defect kind on the part, ";"-separated."""
     label = label_of(seed, index)  # checks seed and index
     if size < 16:
         raise ValueError(f"synthetic.render: size={size} px is too small to show a defect; use >= 16")
@@ -57,10 +69,28 @@ def render(seed: int, index: int, size: int) -> tuple[np.ndarray, int, dict]:
     albedo, surface = _TEXTURES[texture](p, n, size, px)
     bright = np.quantile(albedo, 0.99)  # of the bare surface: exposure must not hint at a defect
     dust = _dust(p, albedo, px)
-    defect = _DEFECTS[label](p, n, albedo, px) if label else {}
+    mask = np.zeros((size, size), np.uint8)
+    defect = _draw(label, p, n, albedo, px, mask) if label else {}
+    kinds = [label] if label else []
+    q = np.random.default_rng([seed, index, 3])  # the extra defects' own draws
+    if label and multi > 0 and q.random() < multi:
+        others = [k for k in range(1, len(CLASSES)) if k != label]
+        for k in q.choice(others, size=int(q.integers(1, 3)), replace=False):
+            defect = {**_draw(int(k), q, n, albedo, px, mask), **defect}
+            kinds.append(int(k))
     image, lighting = _light(p, n, albedo, bright)
     meta = dict(texture=texture, surface=surface, defect=CLASSES[label], **defect, dust_specks=dust)
-    return image, label, _plain({**meta, "lighting": lighting})
+    if multi > 0:
+        meta["labels"] = ";".join(CLASSES[k] for k in sorted(kinds))
+    return image, label, _plain({**meta, "lighting": lighting}), mask
+
+
+def _draw(kind: int, p, n, albedo, px, mask: np.ndarray) -> dict:
+    """Draw one defect of class `kind` and mark its pixels in `mask` (later defects on top)."""
+    marks = np.zeros(mask.shape)
+    drawn = _DEFECTS[kind](p, n, albedo, px, marks)
+    mask[marks >= 0.5] = kind
+    return drawn
 
 
 # ---- helpers: noise, colour, anti-aliased shapes ---------------------------------------------------
@@ -107,9 +137,11 @@ def _polyline(size: int, pts: np.ndarray, width: float) -> np.ndarray:
     return mask
 
 
-def _shade(albedo: np.ndarray, mask: np.ndarray, contrast: float) -> None:
+def _shade(albedo: np.ndarray, mask: np.ndarray, contrast: float, marks: np.ndarray | None = None) -> None:
     """Mark `albedo` in place where `mask` > 0. contrast > 0 adds that much light (a glint: as
     visible on a dark surface as on a light one); contrast < 0 absorbs that fraction (a pit)."""
+    if marks is not None:  # where a defect is: its coverage, kept for the mask
+        np.maximum(marks, mask, out=marks)
     if contrast > 0:
         albedo += (contrast * mask)[..., None]
     else:
@@ -199,7 +231,7 @@ def _dust(p, albedo, px) -> int:
     return count
 
 
-def _scratch(p, n, albedo, px):
+def _scratch(p, n, albedo, px, marks):
     size, lines = albedo.shape[0], []
     for _ in range(int(p.choice([1, 1, 1, 2, 2, 3]))):
         length, angle = p.uniform(0.35, 0.85) * size, p.uniform(0, np.pi)
@@ -209,13 +241,13 @@ def _scratch(p, n, albedo, px):
         rot = np.array([[np.sin(angle), np.cos(angle)], [np.cos(angle), -np.sin(angle)]])
         centre = _centre(p, size)
         pts = centre + np.stack([t * length, bend * (1 - 4 * t**2)], 1) @ rot.T  # (7, 2) y, x
-        _shade(albedo, _polyline(size, pts, width), contrast)
+        _shade(albedo, _polyline(size, pts, width), contrast, marks)
         drawn = dict(centre=centre, length=length, angle=np.degrees(angle), width=width, contrast=contrast)
         lines.append(drawn)
     return dict(scratches=lines)
 
 
-def _spot(p, n, albedo, px):
+def _spot(p, n, albedo, px, marks):
     size, spots = albedo.shape[0], []
     yy, xx = np.indices((size, size), float)
     for _ in range(int(p.choice([1, 1, 2, 3]))):
@@ -225,12 +257,12 @@ def _spot(p, n, albedo, px):
         dy, dx = yy - centre[0], xx - centre[1]
         a, b = dx * np.cos(angle) + dy * np.sin(angle), dy * np.cos(angle) - dx * np.sin(angle)
         dist = np.hypot(a / aspect, b)  # pixels; an oval stretched by `aspect` along `angle`
-        _shade(albedo, np.clip(radius + 0.5 - dist, 0, 1) ** 0.7, contrast)
+        _shade(albedo, np.clip(radius + 0.5 - dist, 0, 1) ** 0.7, contrast, marks)
         spots.append(dict(centre=centre, radius=radius, aspect=aspect, contrast=contrast))
     return dict(spots=spots)
 
 
-def _crack(p, n, albedo, px):
+def _crack(p, n, albedo, px, marks):
     size = albedo.shape[0]
     step, heading = p.uniform(2.5, 4.0) * px, p.uniform(0, 2 * np.pi)
     main = _zigzag(p, np.zeros(2), heading, int(p.integers(10, 21)), step)
@@ -242,7 +274,7 @@ def _crack(p, n, albedo, px):
         turn = heading + p.choice([-1, 1]) * p.uniform(0.5, 1.2)
         twig = _zigzag(p, main[int(p.integers(1, len(main) - 1))], turn, int(p.integers(3, 9)), step)
         np.maximum(mask, _polyline(size, twig, 0.6 * width), out=mask)
-    _shade(albedo, mask, contrast)
+    _shade(albedo, mask, contrast, marks)
     drawn = dict(centre=main.mean(0), length=step * (len(main) - 1), branches=branches, width=width)
     return dict(crack=dict(drawn, contrast=contrast))
 
@@ -258,7 +290,7 @@ def _zigzag(p, start, heading, steps, step):
 _TINTS = dict(rust=(0.85, 0.5, 0.3), oil=(0.55, 0.55, 0.6), water=(0.75, 0.77, 0.7), scorch=(0.45, 0.4, 0.35))
 
 
-def _stain(p, n, albedo, px):
+def _stain(p, n, albedo, px, marks):
     size, kind = albedo.shape[0], str(p.choice(list(_TINTS)))
     centre, radius = _centre(p, size), p.uniform(10, 22) * px
     strength, soft = p.uniform(0.45, 0.9), p.uniform(2.0, 6.0) * px  # soft: edge width, pixels
@@ -270,6 +302,7 @@ def _stain(p, n, albedo, px):
     depth = radius * (1 + lobes) - np.hypot(dy, dx)  # pixels inside an irregular outline
     mask = np.clip(depth / soft + 0.5, 0, 1) * (1 - ring + ring * np.exp(-((depth / soft) ** 2)))
     mask *= np.clip(1 + 0.3 * _noise(n, size, 3 * px), 0, None)  # blotchy, not a flat decal
+    np.maximum(marks, mask, out=marks)
     albedo *= 1 - strength * mask[..., None] * (1 - np.array(_TINTS[kind]))
     return dict(stain=dict(kind=kind, centre=centre, radius=radius, strength=strength, ring=ring))
 

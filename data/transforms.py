@@ -4,8 +4,14 @@ Train: RandomResizedCrop + horizontal flip, with the crop box drawn from the hea
 decoding, so a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the crop
 at the output size; where no reduction applies, torchvision's libjpeg-turbo decode writes the
 tensor directly (PIL would need a further copy into an array). Eval: resize the short side to
-size / crop_pct, centre crop, decoded likewise. Output stays uint8: normalisation runs on the
-device, in the module.
+size / crop_pct, centre crop, decoded likewise; or (segmentation, `fit="stretch"`) the whole
+image resized to size x size, so a predicted mask maps back onto every pixel. Output stays uint8:
+normalisation runs on the device, in the module.
+
+A mask (uint8 (H, W) class indices at the image's own size) moves with its image: in training it
+is sampled, nearest-neighbour, at the centres of the output pixels of the very crop and flip the
+image got, whatever JPEG scale decoded the image; in evaluation it keeps the image's own size,
+where metrics are counted.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -21,6 +28,7 @@ from torchvision.transforms import RandomResizedCrop as _RRC
 from torchvision.transforms.v2 import functional as F
 
 from data.decode import decode_rgb, open_image
+from data.samples import BadSample
 
 
 @dataclass(frozen=True)
@@ -30,14 +38,17 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range, w / h
     hflip: float = 0.5  # probability of a horizontal flip
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: bytes, mask: np.ndarray | None = None):
+        """uint8 (3, S, S); with a mask, (image, mask uint8 (S, S))."""
         im = open_image(data)  # header only: size, format, and the decompression-bomb check
+        check_mask(im, mask)
+        full_w, full_h = im.size
         top, left, h, w = _RRC.get_params(im, list(self.scale), list(self.ratio))
         spare = min(h, w) / self.size  # how many times larger the crop is than the output
+        fx = fy = 1.0
         if _direct_jpeg(im, spare):
             pixels = _decode_jpeg(data)
         else:
-            full_w, full_h = im.size
             im = decode_rgb(im, spare)
             # The box, drawn on the header size, in decoded pixels; per axis, since a reduced
             # JPEG rounds each side up on its own. Clamped, so rounding never crops past an edge.
@@ -49,31 +60,55 @@ class TrainTransform:
         out = F.resized_crop(
             pixels, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True
         )
-        return F.horizontal_flip(out) if torch.rand(()) < self.hflip else out
+        flip = bool(torch.rand(()) < self.hflip)
+        out = F.horizontal_flip(out) if flip else out
+        if mask is None:
+            return out
+        # The output pixel centres, in decoded pixels, then in the mask's (full-size) pixels.
+        centres = (torch.arange(self.size, dtype=torch.float64) + 0.5) / self.size
+        rows = ((top + centres * h) / fy).floor().long().clamp(0, full_h - 1)
+        cols = ((left + centres * w) / fx).floor().long().clamp(0, full_w - 1)
+        m = torch.from_numpy(mask)[rows][:, cols]
+        return out, (m.flip(-1) if flip else m).contiguous()
 
 
 @dataclass(frozen=True)
 class EvalTransform:
     size: int  # output side, pixels
     crop_pct: float = 0.875  # centre crop as a fraction of the resized short side
+    fit: str = "crop"  # "crop": short side, then centre crop; "stretch": whole image to size x size
 
     @property
     def resize(self) -> int:
         return math.floor(self.size / self.crop_pct)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: bytes, mask: np.ndarray | None = None):
+        """uint8 (3, S, S); with a mask, (image, the mask as uint8 (H, W), unchanged)."""
         im = open_image(data)
-        if _direct_jpeg(im, min(im.size) / self.resize):
-            return self.apply(_decode_jpeg(data))
-        return self.apply(im)
+        check_mask(im, mask)
+        out = self.apply(_decode_jpeg(data) if _direct_jpeg(im, self._spare(im.size)) else im)
+        return out if mask is None else (out, torch.from_numpy(mask))
+
+    def _spare(self, size: tuple[int, int]) -> float:
+        """How many times larger than the output the decoded image needs to be, at most."""
+        if self.fit == "stretch":
+            return min(size[0] / self.size, size[1] / self.size)
+        return min(size) / self.resize
 
     def apply(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """The same resize and crop for an image already open: PIL, or uint8 (3, H, W)."""
         if isinstance(image, Image.Image):
-            image = decode_rgb(image, min(image.size) / self.resize)
+            image = decode_rgb(image, self._spare(image.size))
             image = F.pil_to_tensor(image)
+        if self.fit == "stretch":
+            return F.resize(image, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True)
         out = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(out, [self.size, self.size])
+
+
+def check_mask(im: Image.Image, mask: np.ndarray | None) -> None:
+    if mask is not None and mask.shape != (im.height, im.width):
+        raise BadSample("mask size differs from its image")
 
 
 def _direct_jpeg(im: Image.Image, spare: float) -> bool:

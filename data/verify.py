@@ -1,7 +1,9 @@
 """`python -m data verify`: check every shard against its index before a long run finds out.
 
 Per shard: it exists, its size and sha256 match the index, it parses as a tar to the end, it
-holds the listed number of samples, every sample has an image that decodes and a label in range.
+holds the listed number of samples, every sample has an image that decodes and a label in range,
+and a mask (KEY.mask.png), where there is one, of the image's size with class indices in range;
+multi-label names (KEY.json "labels") must be classes.
 Shards are checked in parallel, one process per shard at a time, each read once.
 """
 
@@ -15,9 +17,10 @@ from multiprocessing import get_context
 
 import fsspec
 
-from data.decode import decode_fully
+from data.decode import decode_fully, open_image
 from data.index import DatasetIndex, Shard
 from data.samples import BadSample, Labels, image_bytes, tar_samples
+from data.targets import MASK_EXT, Mask, MultiHot
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,17 @@ def _check_sample(sample: dict, labels: Labels, decode: bool) -> str | None:
             decode_fully(image).close()
         except Exception:
             return "image does not decode"
+    try:
+        MultiHot(labels)(sample)
+        if MASK_EXT in sample:
+            mask = Mask(labels)(sample)
+            with open_image(image) as im:
+                if mask.shape != (im.height, im.width):
+                    return "mask size differs from its image"
+    except BadSample as e:
+        return str(e)
+    except Exception:  # PIL's many types for a file it cannot read
+        return "mask does not decode"
     return None
 
 

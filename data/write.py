@@ -1,7 +1,9 @@
 """Items → `{split}-000000.tar …` + `dataset.json`, deterministically and in parallel.
 
-A sample is `KEY.jpg|png|webp`, `KEY.cls` (the class index as text) and `KEY.json` (source path
-and any manifest columns): plain WebDataset, so `tar tf` and `webdataset.WebDataset` read it.
+A sample is `KEY.jpg|png|webp`, `KEY.cls` (the class index as text), `KEY.json` (source path
+and any manifest columns, `labels` among them) and, where the source has one, `KEY.mask.png` (class
+indices, 0 the good class: a data set with masks lists its good class first): plain WebDataset,
+so `tar tf` and `webdataset.WebDataset` read it.
 Same items and options give byte-identical shards: images are copied as they are (JPEG, PNG and
 WebP; anything else PIL reads is re-encoded as PNG), tar headers carry no time or owner, and
 the worker pool returns results in input order.
@@ -32,6 +34,7 @@ from data.decode import decode_fully
 from data.errors import UserError
 from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, load_index, save_index
 from data.sources import Item, Payload
+from data.targets import good_first, split_labels
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +57,53 @@ def check_image(payload: Payload) -> Payload:
     with decode_fully(payload.data) as im:
         fmt = im.format
         if fmt in KEPT_FORMATS:
-            return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta)
+            return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta, payload.mask)
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="PNG")
-        return Payload(buf.getvalue(), "png", payload.meta)
+        return Payload(buf.getvalue(), "png", payload.meta, payload.mask)
 
 
-def _load(item: Item) -> Payload | str:
+class Refused(str):
+    """A source file that must not be written at all (a colour or lossy mask): the write stops."""
+
+
+def check_mask(payload: Payload, label: int, num_classes: int) -> str | None:
+    """Why a payload's mask cannot be written: Refused (wrong kind of file), or a reason to
+    skip the item (another size than its image, values out of range); None when it is fine."""
+    from data.decode import open_image
+    from data.samples import BadSample
+    from data.targets import mask_classes, read_mask
+
+    try:
+        mask = read_mask(payload.mask)
+    except BadSample as e:
+        return Refused(str(e))
+    except Exception as e:  # PIL raises many types for unreadable files
+        return Refused(f"unreadable mask: {e}".splitlines()[0][:200])
+    with open_image(payload.data) as im:
+        if mask.shape != (im.height, im.width):
+            return f"mask size differs: {mask.shape[1]}x{mask.shape[0]}, image {im.width}x{im.height}"
+    try:
+        mask_classes(mask, label, num_classes)
+    except BadSample as e:
+        return f"{e}: values up to {int(mask.max())}, {num_classes} classes"
+    return None
+
+
+def _load(job: tuple[Item, int, int]) -> Payload | str:
     """Runs in a worker: the checked payload, or why the item is skipped ("reason: detail")."""
     from PIL import UnidentifiedImageError
 
+    item, label, num_classes = job
     try:
-        return check_image(item.read())
+        payload = item.read()
+        if item.mask is None:  # the data set's masks are those its items declare
+            payload = Payload(payload.data, payload.ext, payload.meta)
+        if payload.mask is not None:
+            problem = check_mask(payload, label, num_classes)
+            if problem:
+                return problem
+        return check_image(payload)
     except UnidentifiedImageError:
         return "not an image: PIL cannot identify it"
     except FileNotFoundError as e:
@@ -90,7 +128,8 @@ def assign_splits(items: list[Item], val_fraction: float, seed: int) -> dict[str
         order = rng.permutation(len(group))
         n_val = round(len(group) * val_fraction)
         splits.setdefault("val", []).extend(group[i] for i in order[:n_val])
-        splits.setdefault("train", []).extend(group[i] for i in order[n_val:])
+        for i in order[n_val:]:
+            splits.setdefault(group[i].rest, []).append(group[i])
     return {
         name: [split[i] for i in rng.permutation(len(split))]
         for name, split in sorted(splits.items())
@@ -141,6 +180,8 @@ def write_shards(
         entries = [(f"{key}.{payload.ext}", payload.data), (f"{key}.cls", str(label).encode())]
         if meta:
             entries.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+        if payload.mask is not None:
+            entries.append((f"{key}.mask.png", payload.mask))
         sample_bytes = sum(512 + len(d) + 511 for _, d in entries)  # header + padded body
         if tar and (count >= shard_samples or size + sample_bytes > shard_bytes):
             yield close()
@@ -163,6 +204,11 @@ def write_shards(
 def _checked(items, payloads, classes, key_of, skipped: Counter, examples: list[str]):
     """(item, payload or reason) → (key, payload, class index, json); skips are counted."""
     for item, payload in zip(items, payloads, strict=True):
+        if isinstance(payload, Refused):
+            raise UserError(
+                f"{item.mask}: {payload}; write masks as single-channel PNG of class indices (or 0/255 for "
+                "the row's label). Nothing was written"
+            )
         if isinstance(payload, str):
             skipped[payload.split(":")[0]] += 1
             if len(examples) < 5:
@@ -206,14 +252,15 @@ def write_dataset(
     start = time.perf_counter()
     fs, root = fsspec.core.url_to_fs(out_dir)
     local = isinstance(fs, LocalFileSystem)
-    labels = sorted({i.label for i in items})
+    labels = sorted({i.label for i in items} | {n for i in items for n in split_labels(i.meta.get("labels"))})
     if not items:
         raise UserError("the source has no images (expected image files, one subfolder per class)")
     if len(labels) < 2:
         raise UserError(f"the source has a single class {labels}: a classifier needs at least two")
     if fs.exists(f"{root}/{INDEX_NAME}") and not overwrite:
         raise UserError(f"{out_dir} already holds a data set (pass --overwrite to replace it)")
-    classes = tuple(labels)
+    masked = any(i.mask for i in items)
+    classes = good_first(labels) if masked else tuple(labels)  # mask value 0: the good class
     splits = assign_splits(items, val_fraction, seed)
     # Keys number the items in listing order: stable, unique across splits, free of dots.
     key_of = {id(item): f"{n:08d}" for n, item in enumerate(items)}
@@ -230,7 +277,8 @@ def write_dataset(
     pool = get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         for name, split_items in splits.items():
-            payloads = pool.imap(_load, split_items, chunksize=16) if pool else map(_load, split_items)
+            jobs = [(i, classes.index(i.label), len(classes)) for i in split_items]
+            payloads = pool.imap(_load, jobs, chunksize=16) if pool else map(_load, jobs)
             samples = _checked(split_items, payloads, classes, key_of, skipped, examples)
             mb = int(shard_size_mb * 2**20)
             written[name] = Split(tuple(write_shards(samples, tmp, name, shard_samples, mb)))
@@ -249,7 +297,10 @@ def write_dataset(
         if pool:
             pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
-    index = DatasetIndex(classes, written, extra={"created_by": extra or {}})
+    info = {"created_by": extra or {}}
+    if masked:
+        info["masks"] = True  # KEY.mask.png where a sample has defect pixels: task=segment can train
+    index = DatasetIndex(classes, written, extra=info)
     url = join_url(out_dir.rstrip("/"), INDEX_NAME) if not local else os.path.join(root, INDEX_NAME)
     sha = save_index(index, url)
     index = DatasetIndex(classes, written, url, sha, index.extra)
@@ -257,13 +308,13 @@ def write_dataset(
     return WriteReport(index, total, skipped, examples, time.perf_counter() - start)
 
 
-def synthetic_index(num_samples: int, seed: int, image_size: int, cache_dir: str) -> str:
-    """Where the embedded set with these parameters lives under `cache_dir`."""
-    name = f"inspection-n{num_samples}-s{seed}-{image_size}px"
+def synthetic_index(num_samples: int, seed: int, image_size: int, cache_dir: str, multi: float = 0.0) -> str:
+    """Where the embedded set with these parameters lives under `cache_dir` (v2: with masks)."""
+    name = f"inspection-v2-n{num_samples}-s{seed}-{image_size}px" + (f"-multi{multi:g}" if multi else "")
     return os.path.join(os.path.expanduser(cache_dir), name, INDEX_NAME)
 
 
-def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int) -> str:
+def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int, multi: float = 0.0) -> str:
     """Write the embedded inspection set to `index`'s directory unless it is already there.
 
     Safe to call from every rank at once: a lock file lets one process write while the others
@@ -281,12 +332,19 @@ def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int) -
             return index
         log.info("writing the embedded inspection set (%d images) to %s", num_samples, out_dir)
         report = write_dataset(
-            from_synthetic(num_samples, seed, image_size),
+            from_synthetic(num_samples, seed, image_size, multi),
             out_dir,
             val_fraction=0.2,
             seed=seed,
             shard_samples=500,
-            extra={"synthetic": {"num_samples": num_samples, "seed": seed, "image_size": image_size}},
+            extra={
+                "synthetic": {
+                    "num_samples": num_samples,
+                    "seed": seed,
+                    "image_size": image_size,
+                    "multi": multi,
+                }
+            },
         )
     log.info("wrote %d images in %.1f s", report.written, report.seconds)
     return index

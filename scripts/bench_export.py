@@ -9,7 +9,7 @@ Core ML is converted and validated (its parity needs macOS). Without `--ckpt`, a
 randomly initialised `--backbone` over a freshly written synthetic data set stands in (its
 probabilities sit near uniform, which makes top-1 agreement a harder test, not an easier one).
 
-Latency: the same fp32 network as the checkpoint's eager `Classifier` (torch.inference_mode) and
+Latency: the same fp32 network as the checkpoint's eager `Network` (torch.inference_mode) and
 as the exported ONNX model in onnxruntime's CPU provider, on the same uint8 batch, both with
 their default thread counts; per image, median of `--repeat` timed runs after 3 warm-up runs,
 at batch 1 and 32. `ort_over_eager` is eager time / onnxruntime time (above 1: onnxruntime faster).
@@ -32,16 +32,16 @@ from data.sources import from_synthetic
 from data.write import write_dataset
 from train.bundle import load_bundle
 from train.checkpoint import load_checkpoint, model_from_checkpoint, save_model
-from train.classifier import Classifier, build_backbone, spec_for
 from train.cli import compose
 from train.export import export
+from train.network import Network, build_backbone, spec_for
 
 
 def stand_in_checkpoint(root: str, backbone: str, image_size: int) -> str:
     data = write_dataset(from_synthetic(400, seed=1, size=96), os.path.join(root, "data"), val_fraction=0.5)
     index = data.index
     net = build_backbone(backbone, len(index.classes))
-    model = Classifier(net, spec_for(net, backbone, index.classes, image_size, 0.875))
+    model = Network(net, spec_for(net, backbone, index.classes, image_size, 0.875))
     path = os.path.join(root, "model.ckpt")
     lineage = {"config": {"name": "bench"}, "dataset": {"index": index.location, "sha256": index.sha256}}
     save_model(path, model, {"run_ids": {}, "lineage": {**lineage, "code_version": "bench", "packages": {}}})

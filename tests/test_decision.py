@@ -83,9 +83,13 @@ def test_defect_classes_default_to_all_but_good_and_names_are_checked():
 
 
 def test_scores_sum_the_defect_probabilities():
-    d = Decision("ok", ("spot",), 0.5)
+    from train.network import ModelSpec
+    from train.tasks.classify import Classify
+
+    spec = ModelSpec("test_resnet", ("ok", "scratch", "spot"), 32, good="ok")
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    assert d.scores(probs, ("ok", "scratch", "spot")).tolist() == pytest.approx([0.1, 0.8])
+    assert Classify().defect_scores(probs, spec, [2]).tolist() == pytest.approx([0.1, 0.8])
+    d = Decision("ok", ("spot",), 0.5, {"spot": 0.3})
     assert Decision.from_dict(d.to_dict()) == d
 
 

@@ -20,13 +20,13 @@ from data.samples import read_shard
 from data.write import write_dataset
 from train import load_model
 from train.checkpoint import KEY
-from train.classifier import ModelSpec
 from train.cli import compose
 from train.evaluate import evaluate
+from train.network import ModelSpec
 from train.outputs import published
 from train.resume import check_resumable
 
-CLASSES = ["crack", "ok", "scratch", "spot", "stain"]
+CLASSES = ["ok", "crack", "scratch", "spot", "stain"]  # a data set with masks lists good first
 
 
 def eval_cfg(ckpt: str, out, *overrides: str):
@@ -105,7 +105,7 @@ def test_defect_threshold_is_chosen_stored_and_used_by_predict(report):
 
     model = load_model(str(out / "model.ckpt"))
     stored = model.spec.extra["decision"]
-    assert stored == {"good": "ok", "defect_classes": CLASSES[:1] + CLASSES[2:], "threshold": d["threshold"]}
+    assert stored == {"good": "ok", "defect_classes": CLASSES[1:], "threshold": d["threshold"]}
     image = torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8)
     result = model.predict(image)
     assert result["defect_score"] == pytest.approx(1 - result["probs"]["ok"])
@@ -225,9 +225,9 @@ def test_report_is_logged_to_mlflow_and_wandb(trained, tmp_path):
 def test_a_split_without_defect_samples_reports_without_a_threshold():
     from train.evaluate import _decide
 
-    spec = ModelSpec("test_resnet", ("ok", "scratch"), 32)
-    r = {"labels": np.array([0, 0, 0]), "probs": np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])}
-    section, decision, curves = _decide(("ok", ("scratch",), 0.005, None, "target_escape"), r, spec)
+    r = {"is_defect": np.zeros(3, bool)}
+    scores = np.array([0.1, 0.2, 0.4])
+    section, decision, curves = _decide(("ok", ("scratch",), 0.005, None, "target_escape"), r, scores)
     assert decision is None and curves is None and "no defect samples" in section["skipped"]
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from data.errors import UserError
-from train.classifier import Classifier, ModelSpec, build_backbone
 from train.module import cosine_with_warmup
+from train.network import ModelSpec, Network, build_backbone
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -64,5 +64,5 @@ def test_classifier_normalises_uint8_on_the_device():
             seen["x"] = x
             return x.mean(dim=(2, 3))[:, :2]
 
-    Classifier(Probe(), spec)(torch.full((1, 3, 8, 8), 255, dtype=torch.uint8))
+    Network(Probe(), spec)(torch.full((1, 3, 8, 8), 255, dtype=torch.uint8))
     assert torch.allclose(seen["x"], torch.full((1, 3, 8, 8), 2.0))  # (1 - 0.5) / 0.25

@@ -26,7 +26,7 @@ def test_shrunken_quickstart_trains_checkpoints_and_reports(make_cfg, tmp_path):
     ckpt = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
     meta = ckpt[KEY]
     assert meta["model"]["backbone"] == "test_resnet" and meta["model"]["image_size"] == 32
-    assert meta["model"]["classes"] == ["crack", "ok", "scratch", "spot", "stain"]
+    assert meta["model"]["classes"] == ["ok", "crack", "scratch", "spot", "stain"]  # good first: masks
     lineage = meta["lineage"]
     assert len(lineage["dataset"]["sha256"]) == 64 and lineage["config"]["data"]["batch_size"] == 16
     assert lineage["code_version"] and "torch" in lineage["packages"]

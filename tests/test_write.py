@@ -94,7 +94,7 @@ def test_synthetic_source_is_deterministic(tmp_path):
     a = write_dataset(sources.from_synthetic(30, 0, 32), str(tmp_path / "a"), workers=2)
     write_dataset(sources.from_synthetic(30, 0, 32), str(tmp_path / "b"), workers=1)
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
-    assert a.index.classes[0] == "crack" and len(a.index.classes) == 5
+    assert a.index.classes[0] == "ok" and len(a.index.classes) == 5  # with masks: good first
 
 
 def test_manifest_with_split_and_extra_columns(tmp_path):

@@ -7,7 +7,9 @@ images as the checkpoint did, and `load_bundle`, which runs one with the same `p
     out/parity.json        how closely the export reproduced the checkpoint, on real images
 
 The model takes the preprocessed image itself: uint8 RGB pixels (N, 3, S, S), or an RGB image
-for Core ML; normalisation and softmax run inside, so the output is class probabilities (N, C).
+for Core ML; normalisation and softmax (a sigmoid per class for multi-label) run inside, so the
+output is probabilities: (N, C), or per pixel (N, C, S, S) for segmentation. The threshold
+travels as data in preprocess.json, never inside the graph.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from train.classifier import ModelSpec
+from train import tasks
+from train.network import ModelSpec
 from train.predict import predict
 
 FORMAT = "shardtrain.bundle"
@@ -35,6 +38,32 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
     """preprocess.json: enough for someone with only this file and an image library to feed
     the model exactly as training evaluated."""
     resize = int(spec.image_size / spec.crop_pct)  # math.floor, as data.transforms.EvalTransform
+    task = tasks.of(spec)
+    if task.eval_fit == "stretch":
+        geometry = [
+            {
+                "op": "resize",
+                "size": [spec.image_size, spec.image_size],
+                "interpolation": "bilinear",
+                "antialias": True,
+                "note": "the whole image, aspect ratio not kept: the output maps back onto every pixel",
+            }
+        ]
+    else:
+        geometry = [
+            {
+                "op": "resize_short_side",
+                "size": resize,
+                "long_side": "floor(size * long / short)",
+                "interpolation": "bilinear",
+                "antialias": True,
+            },
+            {
+                "op": "center_crop",
+                "size": [spec.image_size, spec.image_size],
+                "offset": "round((side - size) / 2)",
+            },
+        ]
     return {
         "format": FORMAT,
         "version": 1,
@@ -56,18 +85,7 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
                 "smallest DCT scale (1/2, 1/4, 1/8) that keeps the short side >= that size (libjpeg "
                 "scale_denom, PIL Image.draft, OpenCV IMREAD_REDUCED_COLOR_N), as training did",
             },
-            {
-                "op": "resize_short_side",
-                "size": resize,
-                "long_side": "floor(size * long / short)",
-                "interpolation": "bilinear",
-                "antialias": True,
-            },
-            {
-                "op": "center_crop",
-                "size": [spec.image_size, spec.image_size],
-                "offset": "round((side - size) / 2)",
-            },
+            *geometry,
         ],
         "image_size": spec.image_size,
         "crop_pct": spec.crop_pct,
@@ -77,17 +95,44 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
             "scale": "pixel / 255",
             "where": "inside the model: feed raw pixels",
         },
-        "output": {
-            "name": "probs",
-            "shape": ["batch", len(spec.classes)],
-            "meaning": "softmax probabilities",
-        },
+        "output": OUTPUTS[task.name](spec),
+        "task": {"name": task.name, "good": spec.good, "options": spec.options},
         "classes": list(spec.classes),
         "decision": spec.extra.get("decision"),
-        "decision_rule": "stop the part when the sum of the probabilities of decision.defect_classes is "
-        ">= decision.threshold",
+        "decision_rule": RULES[task.name],
         "source": source,
     }
+
+
+OUTPUTS = {
+    "classify": lambda s: {
+        "name": "probs",
+        "shape": ["batch", len(s.classes)],
+        "meaning": "softmax probabilities",
+    },
+    "multilabel": lambda s: {
+        "name": "probs",
+        "shape": ["batch", len(s.classes)],
+        "meaning": "a sigmoid probability per class, independently",
+    },
+    "segment": lambda s: {
+        "name": "probs",
+        "shape": ["batch", len(s.classes), s.image_size, s.image_size],
+        "meaning": "softmax probabilities per pixel; resize them (bilinear) to the image's own size, then "
+        "the mask is their argmax (class indices, 0 the good class)",
+    },
+}
+RULES = {
+    "classify": "defect_score = the sum of the probabilities of decision.defect_classes; stop the part when "
+    "defect_score >= decision.threshold (0.5 without a decision)",
+    "multilabel": "defect_score = the largest probability of decision.defect_classes; stop the part when "
+    "defect_score >= decision.threshold (0.5 without a decision); a label is on at or above "
+    "decision.labels[label] (task.options.threshold without a decision)",
+    "segment": "defect_map = the per-pixel sum of the probabilities of decision.defect_classes, at the "
+    "image's own size; defect_score = the largest t such that {defect_map >= t} has an 8-connected region of "
+    "at least task.options.min_area pixels; stop the part when defect_score >= decision.threshold (0.5 "
+    "without a decision)",
+}
 
 
 @contextlib.contextmanager
@@ -101,6 +146,7 @@ def quiet_torchscript() -> Iterator[None]:
 def spec_of(info: dict) -> ModelSpec:
     n = info["normalize"]
     extra = {"decision": info["decision"]} if info.get("decision") else {}
+    task = info.get("task") or {"name": "classify"}  # bundles written before tasks classify
     return ModelSpec(
         info["model"]["backbone"],
         tuple(info["classes"]),
@@ -109,12 +155,15 @@ def spec_of(info: dict) -> ModelSpec:
         tuple(n["mean"]),
         tuple(n["std"]),
         extra,
+        task["name"],
+        task.get("good"),
+        task.get("options") or {},
     )
 
 
 class BundleModel:
-    """An exported bundle with the `predict` of a checkpoint's `Classifier`; calling it on a
-    uint8 batch (N, 3, S, S) gives probabilities (N, C) as a numpy array."""
+    """An exported bundle with the `predict` of a checkpoint's `Network`; calling it on a
+    uint8 batch (N, 3, S, S) gives probabilities (N, C) (or (N, C, S, S)) as a numpy array."""
 
     def __init__(self, directory: str, info: dict, run: Callable[[torch.Tensor], np.ndarray]):
         self.directory, self.info, self._run = directory, info, run

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.errors import UserError
-from train.classifier import Classifier, ModelSpec, build_backbone
+from train.network import ModelSpec, Network
 from train.tracking import run_ids
 
 KEY = "shardtrain"
@@ -135,16 +135,18 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> Classifier:
+def model_from_checkpoint(ckpt: dict) -> Network:
     """The eval-mode network of a loaded checkpoint (training, or an evaluated `model.ckpt`)."""
-    spec = ModelSpec.from_dict(ckpt[KEY]["model"])
-    net = Classifier(build_backbone(spec.backbone, len(spec.classes)), spec)
+    from train import tasks
+
+    spec = ModelSpec.from_dict(ckpt[KEY]["model"])  # a spec written before tasks: classify
+    net = Network(tasks.of(spec).build(spec.backbone, len(spec.classes)), spec)
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     return net.eval()
 
 
-def save_model(path: str, net: Classifier, meta: dict) -> None:
+def save_model(path: str, net: Network, meta: dict) -> None:
     """A deployable checkpoint: the network's weights and `meta` (spec, lineage, evaluation), no
     optimizer or loop state. Loads with `load_model`; written beside and renamed over."""
     state = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
@@ -154,7 +156,7 @@ def save_model(path: str, net: Classifier, meta: dict) -> None:
 
 
 def load_model(path: str, device: str | torch.device = "cpu"):
-    """A model with `.predict(images)`, from a checkpoint (`.ckpt`: an eval-mode `Classifier`,
+    """A model with `.predict(images)`, from a checkpoint (`.ckpt`: an eval-mode `Network`,
     weights loaded with `weights_only=True`) or an exported bundle directory (ONNX through
     onnxruntime, TorchScript); either way the model's own preprocessing and decision threshold
     come along, so the two compare directly."""

@@ -1,5 +1,6 @@
 """Every sample's prediction over an evaluation split, collected on each rank and merged: the
-input of `python -m train.evaluate`'s report."""
+input of `python -m train.evaluate`'s report. What is kept per sample is the task's
+(train/tasks: `collect`); this module gathers it the same way for every task."""
 
 from __future__ import annotations
 
@@ -7,71 +8,61 @@ from collections import Counter
 
 import lightning.pytorch as L
 import numpy as np
-import torch
 
 from data.distributed import all_gather_objects
-from train.classifier import Classifier
+from train.network import Network
+
+SUMMED = ("counts",)  # per-batch arrays that add up (segmentation's pixel confusion)
 
 
 class Predictions(L.LightningModule):
     """Predicts the eval plan's samples (run it with `trainer.validate`), keeping this rank's
-    keys, labels and probabilities, and its `gallery` most confident mistakes with their pixels."""
+    keys and what the task keeps per sample, and its `gallery` worst parts with their pixels."""
 
-    def __init__(self, net: Classifier, gallery: int):
+    def __init__(self, net: Network, task, defects: list[int], gallery: int):
         super().__init__()
-        self.net, self.gallery = net, gallery
+        self.net, self.task, self.defects, self.gallery = net, task, defects, gallery
         # A split smaller than the world leaves some ranks nothing to predict; they still take
         # part in the gather, which runs after the pass, outside Lightning's hooks.
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.keys: list[str] = []
-        self.labels: list[np.ndarray] = []
-        self.probs: list[np.ndarray] = []
-        self.mistakes: list[dict] = []
+        self.parts: list[dict] = []
+        self.worst: list[dict] = []
         self.bad: Counter = Counter()
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        images, labels, keys = batch[0], batch[1], batch[2]  # uint8 (B, 3, S, S), (B,), B keys
+        images, targets, keys = batch[0], batch[1], batch[2]  # uint8 (B, 3, S, S), the task's, B keys
         if len(batch) > 3:
             self.bad.update(batch[3]["reasons"])
-        probs = self.net.probabilities(images)  # (B, C)
-        confidence, predicted = probs.max(dim=1)
-        self.keys += keys
-        self.labels.append(labels.cpu().numpy())
-        self.probs.append(probs.cpu().numpy())
-        for i in torch.nonzero(predicted != labels).flatten().tolist():
-            self.mistakes.append(
-                {
-                    "key": keys[i],
-                    "label": int(labels[i]),
-                    "predicted": int(predicted[i]),
-                    "confidence": float(confidence[i]),
-                    "image": images[i].cpu().clone(),  # the batch lives in reused shared memory
-                }
+        part = self.task.collect(self.net.probabilities(images), targets, self.net.spec, self.defects)
+        for item in part.pop("gallery"):
+            # the batch lives in reused shared memory: keep a copy of the pixels
+            self.worst.append(
+                {**item, "key": keys[item["index"]], "image": images[item["index"]].cpu().clone()}
             )
-        self.mistakes = most_confident(self.mistakes, self.gallery)
+        self.worst = worst(self.worst, self.gallery)
+        self.keys += keys
+        self.parts.append(part)
 
     def gathered(self) -> dict:
         """Every rank's predictions, sorted by key (the same order for any number of ranks).
         Called by every rank after the pass (also one that had no batch to predict)."""
-        c = len(self.net.spec.classes)
-        part = {
-            "keys": self.keys,
-            "labels": np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64),
-            "probs": np.concatenate(self.probs) if self.probs else np.zeros((0, c), np.float32),
-            "mistakes": self.mistakes,
-            "bad": self.bad,
-        }
-        parts = all_gather_objects(part)
+        parts = all_gather_objects(
+            {"keys": self.keys, "parts": self.parts, "worst": self.worst, "bad": self.bad}
+        )
         keys = [k for p in parts for k in p["keys"]]
         order = np.argsort(np.array(keys, dtype=object), kind="stable")
-        return {
-            "keys": [keys[i] for i in order],
-            "labels": np.concatenate([p["labels"] for p in parts])[order],
-            "probs": np.concatenate([p["probs"] for p in parts])[order],
-            "mistakes": most_confident([m for p in parts for m in p["mistakes"]], self.gallery),
-            "bad": sum((p["bad"] for p in parts), Counter()),
-        }
+        batches = [b for p in parts for b in p["parts"]]
+        out: dict = {"keys": [keys[i] for i in order]}
+        for name in batches[0] if batches else ():
+            if name in SUMMED:
+                out[name] = sum(b[name] for b in batches)
+            else:
+                out[name] = np.concatenate([b[name] for b in batches])[order]
+        out["gallery"] = worst([m for p in parts for m in p["worst"]], self.gallery)
+        out["bad"] = sum((p["bad"] for p in parts), Counter())
+        return out
 
 
-def most_confident(mistakes: list[dict], n: int) -> list[dict]:
-    return sorted(mistakes, key=lambda m: (-m["confidence"], m["key"]))[:n]
+def worst(items: list[dict], n: int) -> list[dict]:
+    return sorted(items, key=lambda m: (-m["badness"], m["key"]))[:n]

@@ -1,12 +1,14 @@
 """Defect vs good: the score, the threshold that meets a target escape rate, and what it costs.
 
-On a production line the classifier's question is binary: pass the part, or stop it. With the
-"defect" classes D (by default every class but the good one), a sample's defect score is
+On a production line every task's question is binary: pass the part, or stop it. With the
+"defect" classes D (by default every class but the good one), each task gives a part a defect
+score s in [0, 1] (train/tasks): for classification
 
     s = sum of the softmax probabilities of the classes in D          (= 1 - p(good))
 
-and the part is stopped when s >= threshold. Two rates describe a threshold t on an evaluation
-set with n defect and m good samples:
+for multi-label the largest probability of a label in D, for segmentation the strength of the
+strongest region of D pixels; the part is stopped when s >= threshold. Two rates describe a
+threshold t on an evaluation set with n defect and m good samples:
 
     escape rate      = #{defect samples with s < t} / n     defects passed as good
     false-alarm rate = #{good samples with s >= t} / m      good parts stopped
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data.errors import UserError
+from data.targets import find_good  # noqa: F401 (the decision layer's own rule, re-exported)
 
 # Escape-rate targets reported besides the chosen one, so a quality engineer sees the trade-off.
 TARGETS = (0.001, 0.005, 0.01, 0.02, 0.05)
@@ -36,18 +39,33 @@ class Decision:
     good: str
     defect_classes: tuple[str, ...]
     threshold: float  # on the defect score, 0..1: stop the part when score >= threshold
+    labels: dict | None = None  # multi-label: each defect label's own threshold, by name
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "defect_classes": list(self.defect_classes)}
+        d = {**asdict(self), "defect_classes": list(self.defect_classes)}
+        return d if self.labels else {k: v for k, v in d.items() if k != "labels"}
 
     @classmethod
     def from_dict(cls, d: dict) -> Decision:
-        return cls(d["good"], tuple(d["defect_classes"]), float(d["threshold"]))
+        return cls(d["good"], tuple(d["defect_classes"]), float(d["threshold"]), d.get("labels"))
 
-    def scores(self, probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-        """Defect scores (N,) from class probabilities (N, C) in `classes` order."""
-        columns = [classes.index(c) for c in self.defect_classes]
-        return np.asarray(probs, dtype=np.float64)[:, columns].sum(axis=1)
+
+def defect_indices(spec) -> list[int] | None:
+    """The columns of a model's defect classes: its decision's, else every class but its good
+    one; None when it knows no good class (no decision can be made)."""
+    stored = spec.extra.get("decision")
+    if stored:
+        return [spec.classes.index(c) for c in stored["defect_classes"]]
+    if spec.good is None:
+        return None
+    return [i for i, c in enumerate(spec.classes) if c != spec.good]
+
+
+def threshold_of(spec) -> float:
+    """The stop threshold on the defect score: evaluation's choice, else 0.5 (more likely
+    defect than good), the rule a model follows from training on."""
+    stored = spec.extra.get("decision")
+    return float(stored["threshold"]) if stored else 0.5
 
 
 def defect_classes(classes: Sequence[str], good: str, defect: Sequence[str] | None = None) -> tuple[str, ...]:

@@ -3,11 +3,17 @@
 Every sample of the split is predicted once, on any number of ranks (the data layer's eval plan
 gives each sample to exactly one rank), and the gathered predictions make:
 
-    out/metrics.json      top-1, top-5 (over 5 classes), macro F1, per-class precision/recall/
-                          support, confusion matrix, bad samples, and the defect decision
-    out/predictions.csv   one row per sample: key, true and predicted class, probabilities
-    out/confusion.png     out/mistakes.png (most confident mistakes)    out/defect.png (ROC, PR)
+    out/metrics.json      the task's metrics (classify: top-1, top-5, macro F1, per-class
+                          precision/recall, confusion; multilabel: per-label AP/F1/threshold,
+                          exact-set accuracy; segment: per-class IoU/Dice, defect-pixel IoU,
+                          pixel confusion), bad samples, and the defect decision
+    out/predictions.csv   one row per sample: key, truth, prediction, defect score, probabilities
+    out/confusion.png     out/mistakes.png (worst parts; segment: image, true and predicted mask)
+    out/defect.png        ROC and precision-recall of the part's defect score
     out/model.ckpt        the model with its decision threshold, for predict and export
+
+A data set with no good class (no `good`, `ok` or `pass`; digits, say) gets every metric but
+the decision, with a note.
 
 The report is logged to the chosen tracker (logger=mlflow, wandb, ...) as a run of its own.
 """
@@ -27,12 +33,11 @@ from omegaconf import DictConfig, open_dict
 
 from data.errors import UserError
 from train import decision as defect
-from train import settings
+from train import settings, tasks
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, save_model
-from train.classifier import ModelSpec
 from train.cli import CONFIG_PATH, run_cli
 from train.collect import Predictions
-from train.metrics import classification_report
+from train.network import ModelSpec
 from train.outputs import check_out, published
 from train.report import flat_metrics, print_evaluation, write_predictions
 
@@ -51,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     meta = ckpt[KEY]
     net = model_from_checkpoint(ckpt)
     spec = net.spec
+    task = tasks.of(spec)
     index = cfg.data.index or meta["lineage"]["dataset"]["index"]
     datamodule = instantiate(
         cfg.data,
@@ -60,6 +66,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
         val_split=cfg.split,
         synthetic=None,
         audit=False,
+        target=task.target,
+        eval_fit=task.eval_fit,
     )
     if datamodule.classes != spec.classes:
         raise UserError(
@@ -67,8 +75,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
             f"{list(spec.classes)}: evaluate on a data set with the same classes in the same order"
         )
     expected = datamodule.index.split(cfg.split).num_samples
-    chosen = _decision_inputs(cfg.defect, spec)  # checked before the pass, not after it
-    module = Predictions(net, cfg.gallery)
+    chosen, note = _decision_inputs(cfg.defect, spec)  # checked before the pass, not after it
+    defects = [spec.classes.index(c) for c in chosen[1]] if chosen else []
+    module = Predictions(net, task, defects, cfg.gallery)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     r = module.gathered()  # every rank takes part, also one that had no batch
@@ -86,23 +95,36 @@ def evaluate(cfg: DictConfig) -> dict | None:
         },
         "split_samples": expected,
         "bad_samples": {"count": bad, "reasons": dict(r["bad"])},
-        **classification_report(r["labels"], r["probs"], spec.classes),
+        "task": task.name,
+        **task.report(r, spec),
     }
-    decision, curves = None, None
+    decision, curves, scores = None, None, None
     if chosen:
-        report["defect"], decision, curves = _decide(chosen, r, spec)
+        scores = r["defect_scores"] if "defect_scores" in r else task.defect_scores(r["probs"], spec, defects)
+        report["defect"], decision, curves = _decide(chosen, r, scores)
+        if decision and hasattr(task, "label_thresholds"):  # multi-label: each label's own too
+            labels = task.label_thresholds(r, spec, chosen[2])
+            decision = replace(decision, labels=labels)
+            report["defect"]["label_thresholds"] = labels
+    else:
+        report["defect"] = {"skipped": note}
+        log.warning("%s", note)
 
+    if decision:  # what model.ckpt carries, and what predictions.csv's decisions follow
+        spec = replace(spec, extra={**spec.extra, "decision": decision.to_dict()})
     with published(out) as tmp:
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
-        write_predictions(os.path.join(tmp, "predictions.csv"), r, spec.classes, decision)
+        threshold = decision.threshold if decision else None
+        write_predictions(os.path.join(tmp, "predictions.csv"), task.rows(r, spec, scores, threshold))
         from train import plots
 
-        plots.confusion_png(report["confusion"], spec.classes, os.path.join(tmp, "confusion.png"))
-        plots.gallery_png(r["mistakes"], spec.classes, os.path.join(tmp, "mistakes.png"))
+        if "confusion" in report:
+            plots.confusion_png(report["confusion"], spec.classes, os.path.join(tmp, "confusion.png"))
+        plots.gallery_png(r["gallery"], os.path.join(tmp, "mistakes.png"))
         if decision:
             plots.defect_png(curves, report["defect"], os.path.join(tmp, "defect.png"))
-            net.spec = replace(spec, extra={**spec.extra, "decision": decision.to_dict()})
+            net.spec = spec
             save_model(
                 os.path.join(tmp, "model.ckpt"), net, {**meta, "evaluation": _summary(report, cfg.ckpt)}
             )
@@ -136,29 +158,37 @@ def _check_counts(keys: list[str], bad: int, expected: int, cfg: DictConfig) -> 
         )
 
 
-def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple | None:
-    """(good, defect classes, target escape, threshold or None to choose one, how it was set)."""
+def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple[tuple | None, str]:
+    """((good, defect classes, target escape, threshold or None to choose one, how it was set),
+    or None with a note of why there is no decision to make)."""
     if not d or d.good is None:
-        return None
-    classes = defect.defect_classes(spec.classes, d.good, d.classes)
+        return None, "defect.good=null: no defect decision asked for"
+    good = d.good
+    if good == "auto":  # the model's own, else found by name: good, ok or pass
+        good = spec.good or defect.find_good(spec.classes)
+        if good is None:
+            return None, (
+                f"no good class among {list(spec.classes)} (none is named good, ok or pass): every metric "
+                "but the defect decision is reported; name the class of parts that pass with defect.good=NAME"
+            )
+    classes = defect.defect_classes(spec.classes, good, d.classes)
     target = float(d.target_escape)  # in (0, 1): train/settings.py
     stored = spec.extra.get("decision")
     if d.threshold in (None, "auto"):
         # A model.ckpt evaluated again (on a held-out split, say) is judged by its own threshold.
-        if stored and (stored["good"], tuple(stored["defect_classes"])) == (d.good, classes):
-            return d.good, classes, target, float(stored["threshold"]), "stored with the model"
-        return d.good, classes, target, None, "target_escape"
+        if stored and (stored["good"], tuple(stored["defect_classes"])) == (good, classes):
+            return (good, classes, target, float(stored["threshold"]), "stored with the model"), ""
+        return (good, classes, target, None, "target_escape"), ""
     if d.threshold == "choose":
-        return d.good, classes, target, None, "target_escape"
-    return d.good, classes, target, float(d.threshold), "given threshold"
+        return (good, classes, target, None, "target_escape"), ""
+    return (good, classes, target, float(d.threshold), "given threshold"), ""
 
 
-def _decide(chosen: tuple, r: dict, spec: ModelSpec) -> tuple:
+def _decide(chosen: tuple, r: dict, scores: np.ndarray) -> tuple:
     """The defect section of the report, the Decision it chose, and the curves to draw, or a
     note of why there is none (a split without defect or without good samples)."""
     good, defects, target, threshold, how = chosen
-    scores = defect.Decision(good, defects, 0.0).scores(r["probs"], spec.classes)
-    is_defect = np.isin(r["labels"], [spec.classes.index(c) for c in defects])
+    is_defect = r["is_defect"]
     section = {"good": good, "defect_classes": list(defects)}
     if is_defect.all() or not is_defect.any():
         missing = "good" if is_defect.all() else "defect"
@@ -173,12 +203,12 @@ def _decide(chosen: tuple, r: dict, spec: ModelSpec) -> tuple:
 def _summary(report: dict, ckpt_path: str) -> dict:
     """What model.ckpt records of the evaluation that set its threshold."""
     keep = ("threshold", "target_escape", "escape_rate", "escape_rate_upper95", "false_alarm_rate")
+    headline = ("top1", "macro_f1", "macro_ap", "exact_set_accuracy", "defect_iou", "miou")
     return {
         "source_checkpoint": {"path": os.path.abspath(ckpt_path), "sha256": file_sha256(ckpt_path)},
         "dataset": report["dataset"],
         "samples": report["samples"],
-        "top1": report["top1"],
-        "macro_f1": report["macro_f1"],
+        **{k: report[k] for k in headline if k in report},
         "defect": {k: report["defect"][k] for k in keep},
     }
 

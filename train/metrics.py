@@ -1,5 +1,6 @@
-"""Classification metrics from every sample's label and probabilities: pure numpy, so evaluation
-on any number of ranks reduces to one call on the gathered arrays, and tests count by hand.
+"""Classification, multi-label and segmentation metrics from every sample's targets and
+probabilities (or a pixel confusion matrix): pure numpy, so evaluation on any number of ranks
+reduces to one call on the gathered arrays, and tests count by hand.
 
 Definitions follow torchmetrics (what training logs as val/acc and val/f1): macro F1 averages
 the per-class F1 over the classes that occur in the labels or the predictions; a class never
@@ -45,4 +46,85 @@ def classification_report(labels: np.ndarray, probs: np.ndarray, classes: Sequen
         for i, name in enumerate(classes)
     }
     out["confusion"] = confusion.tolist()
+    return out
+
+
+def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
+    """AP of one label as torchmetrics computes it: the sum over distinct scores (descending) of
+    precision × the recall gained there; nan when no sample has the label."""
+    truth, scores = np.asarray(truth, bool), np.asarray(scores, np.float64)
+    if not truth.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tp = np.cumsum(t)[last]
+    precision = tp / (last + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / truth.sum()
+    return float((precision * recall_gain).sum())
+
+
+def multilabel_report(
+    truth: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    labels: Sequence[int],
+    thresholds: np.ndarray,
+) -> dict:
+    """truth (N, C) bool, probs (N, C); per defect label (`labels`, columns) AP and, at each
+    label's threshold, precision, recall, F1; their macro means; and exact-set accuracy (every
+    defect label of a part right)."""
+    truth, probs = np.asarray(truth, bool), np.asarray(probs)
+    predicted = probs >= np.asarray(thresholds)[None, :]
+    per = {}
+    for j in labels:
+        t, p = truth[:, j], predicted[:, j]
+        tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
+        per[classes[j]] = {
+            "ap": average_precision(t, probs[:, j]),
+            "precision": tp / max(1, tp + fp),
+            "recall": tp / max(1, tp + fn),
+            "f1": 2 * tp / max(1, 2 * tp + fp + fn),
+            "threshold": float(thresholds[j]),
+            "support": int(t.sum()),
+        }
+    cols = list(labels)
+    aps = [v["ap"] for v in per.values() if not np.isnan(v["ap"])]
+    n = len(truth)
+    return {
+        "samples": n,
+        "macro_ap": float(np.mean(aps)) if aps else 0.0,
+        "macro_f1": float(np.mean([v["f1"] for v in per.values()])) if per else 0.0,
+        "exact_set_accuracy": float((predicted[:, cols] == truth[:, cols]).all(axis=1).mean()) if n else 0.0,
+        "per_label": per,
+    }
+
+
+def segmentation_report(confusion: np.ndarray, classes: Sequence[str], good: int | None) -> dict:
+    """From the pixel confusion matrix (C, C) (rows: true class, columns: predicted): per-class
+    IoU = tp / (tp + fp + fn) and Dice = 2 tp / (2 tp + fp + fn), their means over the classes
+    present (in the truth or the prediction), and defect-pixel IoU: every class but `good`
+    merged into one, against good."""
+    m = np.asarray(confusion, dtype=np.int64)
+    tp = np.diag(m)
+    fp, fn = m.sum(axis=0) - tp, m.sum(axis=1) - tp
+    present = (tp + fp + fn) > 0
+    iou = tp / np.maximum(1, tp + fp + fn)
+    dice = 2 * tp / np.maximum(1, 2 * tp + fp + fn)
+    out = {
+        "pixels": int(m.sum()),
+        "miou": float(iou[present].mean()) if present.any() else 0.0,
+        "mdice": float(dice[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            c: {"iou": float(iou[i]), "dice": float(dice[i]), "pixels": int(m[i].sum())}
+            for i, c in enumerate(classes)
+        },
+        "confusion": m.tolist(),
+    }
+    if good is not None:
+        d = np.ones(len(classes), bool)
+        d[good] = False
+        both, t, p = int(m[np.ix_(d, d)].sum()), int(m[d].sum()), int(m[:, d].sum())
+        out["defect_iou"] = both / max(1, t + p - both)
+        out["defect_dice"] = 2 * both / max(1, t + p)
     return out

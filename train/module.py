@@ -1,4 +1,4 @@
-"""The LightningModule: loss, optimisation and metrics around a `Classifier`.
+"""The LightningModule: loss, optimisation and metrics around a `Network`, for every task.
 
 It takes built parts (the network, optimizer and scheduler factories) and never sees the config.
 """
@@ -10,12 +10,11 @@ from collections.abc import Callable, Iterable
 
 import lightning.pytorch as L
 import torch
-import torchmetrics as tm
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from train.classifier import Classifier
+from train.network import Network
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
@@ -34,33 +33,31 @@ def cosine_with_warmup(optimizer: Optimizer, total_steps: int, warmup_steps: int
     return LambdaLR(optimizer, factor)
 
 
-class ImageClassifier(L.LightningModule):
+class TaskModule(L.LightningModule):
+    """One module for every task: the task (train/tasks) gives the loss and the validation
+    metrics; targets are whatever the data layer read for it (class indices, multi-hot rows,
+    masks)."""
+
     def __init__(
         self,
-        net: Classifier,
+        net: Network,
+        task,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
     ):
         super().__init__()
-        self.net = net
+        self.net, self.task = net, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.loss = task.loss(label_smoothing)
         self.channels_last = channels_last
         if channels_last:  # NHWC weights and inputs: the fast conv layout on GPUs with tensor cores
             self.net.to(memory_format=torch.channels_last)
         self.classes = net.spec.classes
-        n = len(self.classes)
-        task = {"task": "multiclass", "num_classes": n}
-        self.train_acc = tm.Accuracy(**task)
-        val = {"acc": tm.Accuracy(**task), "f1": tm.F1Score(**task, average="macro")}
-        if n > 5:
-            val["acc5"] = tm.Accuracy(**task, top_k=5)
-        self.val_metrics = tm.MetricCollection(val, prefix="val/")
-        self.val_recall = tm.Recall(**task, average="none")
-        self.val_confusion = tm.ConfusionMatrix(**task)
-        self.confusion: list[list[int]] | None = None  # rows: true class, columns: predicted
+        self.train_metric = task.train_metric(net.spec)  # classify: accuracy; None elsewhere
+        self.val_metrics = task.metrics(net.spec)
+        self.confusion: list[list[int]] | None = None  # classes or pixels; rows: true, columns: predicted
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -68,31 +65,30 @@ class ImageClassifier(L.LightningModule):
         return self.net(images)
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        images, labels = batch[0], batch[1]  # uint8 (B, 3, H, W), int64 (B,); then keys, bad counts
+        images, targets = batch[0], batch[1]  # uint8 (B, 3, H, W), the task's targets; then keys, bad counts
         logits = self(images)
-        loss = self.loss(logits, labels)
-        self.train_acc(logits, labels)
+        loss = self.loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True)
+        if self.train_metric is not None:
+            self.train_metric(logits, targets)
+            self.log("train/acc", self.train_metric, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        images, labels = batch[0], batch[1]
+        images, targets = batch[0], batch[1]
         logits = self(images)
-        self.log("val/loss", self.loss(logits, labels), batch_size=len(labels), sync_dist=True)
-        self.val_metrics.update(logits, labels)
-        self.val_recall.update(logits, labels)
-        self.val_confusion.update(logits, labels)
+        self.log("val/loss", self.loss(logits, targets), batch_size=len(images), sync_dist=True)
+        self.val_metrics.update(logits, targets)
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs the metric states across ranks once per epoch: exact, whatever each
         # rank's batch count was.
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        for name, recall in zip(self.classes, self.val_recall.compute()):
-            self.log(f"val/recall/{name}", recall)
-        self.confusion = self.val_confusion.compute().tolist()
-        for metric in (self.val_metrics, self.val_recall, self.val_confusion):
-            metric.reset()
+        values = self.val_metrics.compute()
+        shown = {"val/acc", "val/f1", "val/defect_iou", "val/miou"}
+        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True)
+        self.log_dict({k: v for k, v in values.items() if k not in shown})
+        self.confusion = self.val_metrics.confusion
+        self.val_metrics.reset()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

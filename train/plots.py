@@ -1,5 +1,6 @@
 """The PNGs an evaluation writes: the confusion matrix, the defect ROC and precision-recall
-curves with the operating point, and a gallery of the most confident mistakes. matplotlib
+curves with the operating point, and a gallery of the worst parts (the most confident mistakes;
+for segmentation the image with its true and predicted masks). matplotlib
 (headless) is imported only here, when a report is drawn."""
 
 from __future__ import annotations
@@ -70,20 +71,56 @@ def defect_png(curves: dict, point: dict, path: str) -> None:
     plt.close(fig)
 
 
-def gallery_png(mistakes: Sequence[dict], classes: Sequence[str], path: str, columns: int = 8) -> None:
-    """One cell per mistake, most confident first: the image as the model saw it (uint8
-    (3, S, S)), its key, and "true → predicted (confidence)"."""
-    rows = max(1, -(-len(mistakes) // columns))
-    width = min(columns, max(1, len(mistakes))) * THUMB
+# Overlay colours per class index (0, the good class, is left clear): RGB
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+    ],
+    dtype=np.uint8,
+)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(S, S, 3) uint8 with the mask's classes (S, S) painted over, half transparent."""
+    colours = PALETTE[np.asarray(mask) % len(PALETTE)]
+    painted = np.where((np.asarray(mask) > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
+    return painted.astype(np.uint8)
+
+
+def gallery_png(items: Sequence[dict], path: str, columns: int = 8) -> None:
+    """One cell per part, worst first: the image as the model saw it (uint8 (3, S, S)), its
+    caption and key; a segmentation part shows three panels: the image, the true mask and the
+    predicted mask over it."""
+    panels = 3 if items and "mask" in items[0] else 1
+    columns = max(1, columns // panels)
+    cell = THUMB * panels
+    rows = max(1, -(-len(items) // columns))
+    width = min(columns, max(1, len(items))) * cell
     sheet = Image.new("RGB", (width, rows * (THUMB + CAPTION)), "white")
     draw = ImageDraw.Draw(sheet)
-    if not mistakes:
+    if not items:
         draw.text((6, 6), "no mistakes", fill="black")
-    for i, m in enumerate(mistakes):
-        x, y = (i % columns) * THUMB, (i // columns) * (THUMB + CAPTION)
+    for i, m in enumerate(items):
+        x, y = (i % columns) * cell, (i // columns) * (THUMB + CAPTION)
         image = torch.as_tensor(m["image"]).permute(1, 2, 0).numpy()  # (S, S, 3) uint8
-        sheet.paste(Image.fromarray(image).resize((THUMB, THUMB), Image.BILINEAR), (x, y))
-        truth, guess = classes[m["label"]], classes[m["predicted"]]
-        draw.text((x + 3, y + THUMB + 2), f"{truth} -> {guess} ({m['confidence']:.2f})", fill="black")
-        draw.text((x + 3, y + THUMB + 17), str(m["key"])[-20:], fill="gray")
+        shown = [image] + (
+            [overlay(image, m["mask"]), overlay(image, m["predicted_mask"])] if panels == 3 else []
+        )
+        for k, pixels in enumerate(shown):
+            sheet.paste(Image.fromarray(pixels).resize((THUMB, THUMB), Image.NEAREST), (x + k * THUMB, y))
+        draw.text((x + 3, y + THUMB + 2), m["caption"], fill="black")
+        draw.text(
+            (x + 3, y + THUMB + 17),
+            str(m["key"])[-20:] + ("   true | predicted" if panels == 3 else ""),
+            fill="gray",
+        )
     sheet.save(path)

@@ -1,4 +1,4 @@
-"""`predict` for every kind of loaded model: a checkpoint's `Classifier`, or an exported bundle
+"""`predict` for every kind of loaded model: a checkpoint's `Network`, or an exported bundle
 run by onnxruntime or TorchScript. One preprocessing path and one result format, so a notebook
 compares a checkpoint with its export directly."""
 
@@ -11,36 +11,40 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from train.decision import Decision
+from train.decision import defect_indices, threshold_of
 
-# uint8 (B, 3, S, S) → class probabilities (B, C)
+# uint8 (B, 3, S, S) → probabilities (B, C), or per pixel (B, C, S, S)
 ProbsFn = Callable[[torch.Tensor], np.ndarray]
 
 
 def predict(images, spec, probs: ProbsFn, batch_size: int = 32) -> list[dict] | dict:
-    """Class probabilities for image paths, PIL images or uint8 (3, H, W) tensors (one, or a
-    list), preprocessed as the model's eval transform does (`spec`: its ModelSpec):
-    `{"label": "scratch", "score": 0.97, "probs": {"ok": 0.01, "scratch": 0.97, ...}}`, plus
-    `"defect"` (stop the part?) and `"defect_score"` when the model carries a decision threshold."""
+    """Predictions for image paths, PIL images or uint8 (3, H, W) tensors (one, or a list),
+    preprocessed as the model's eval transform does (`spec`: its ModelSpec). One dict per image,
+    the task's own (train/tasks): classify `{"label", "score", "probs"}`; multilabel `{"labels",
+    "probs"}`; segment `{"label", "mask" (H, W) uint8 at the image's own size, "areas", "probs"}`;
+    each with `"defect_score"` and `"defect"` (stop the part?) when the model knows its good class,
+    at the threshold evaluation chose (else 0.5)."""
     from data.transforms import EvalTransform
+    from train import tasks
 
     single = not isinstance(images, list | tuple)
     images = [images] if single else list(images)
-    transform = EvalTransform(spec.image_size, spec.crop_pct)
-    decision = Decision.from_dict(spec.extra["decision"]) if spec.extra.get("decision") else None
+    task = tasks.of(spec)
+    transform = EvalTransform(spec.image_size, spec.crop_pct, task.eval_fit)
+    defects, threshold = defect_indices(spec), threshold_of(spec)
     results = []
     for i in range(0, len(images), batch_size):
-        batch = torch.stack([transform.apply(as_image(x)) for x in images[i : i + batch_size]])
-        p = np.asarray(probs(batch), dtype=np.float64)  # (B, C)
-        scores = decision.scores(p, spec.classes) if decision else None
-        for j, row in enumerate(p.tolist()):
-            best = max(range(len(row)), key=row.__getitem__)
-            result = {"label": spec.classes[best], "score": row[best], "probs": dict(zip(spec.classes, row))}
-            if decision:
-                result["defect_score"] = float(scores[j])
-                result["defect"] = bool(scores[j] >= decision.threshold)
-            results.append(result)
+        opened = [as_image(x) for x in images[i : i + batch_size]]
+        batch = torch.stack([transform.apply(x) for x in opened])
+        p = np.asarray(probs(batch), dtype=np.float32)  # (B, C) or (B, C, S, S)
+        for row, image in zip(p, opened):
+            results.append(task.result(row, spec, image_size(image), defects, threshold))
     return results[0] if single else results
+
+
+def image_size(image) -> tuple[int, int]:
+    """(H, W) of a PIL image or a (3, H, W) tensor."""
+    return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else (image.height, image.width)
 
 
 def as_image(x):

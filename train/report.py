@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from train.decision import Decision
-from train.module import ImageClassifier
+from train.module import TaskModule
 
 log = logging.getLogger("train")
 
@@ -25,7 +23,7 @@ def confusion_table(classes: tuple[str, ...], matrix: list[list[int]]) -> str:
     return "\n".join([head, *rows])
 
 
-def summarize(trainer: L.Trainer, module: ImageClassifier, resumed_from: str | None = None) -> dict:
+def summarize(trainer: L.Trainer, module: TaskModule, resumed_from: str | None = None) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = ckpt.best_model_path if ckpt else ""
@@ -39,6 +37,15 @@ def summarize(trainer: L.Trainer, module: ImageClassifier, resumed_from: str | N
         "confusion": module.confusion,
         "resumed_from": resumed_from,
     }
+    if "val/defect_iou" in metrics:
+        rank_zero_info(
+            f"final validation defect-pixel IoU: {metrics['val/defect_iou']:.4f}, "
+            f"mean IoU {metrics['val/miou']:.4f}"
+        )
+    if "val/f1" in metrics and "val/acc" not in metrics:
+        rank_zero_info(
+            f"final validation macro F1: {metrics['val/f1']:.4f}, mAP {metrics.get('val/map', 0):.4f}"
+        )
     if "val/acc" in metrics:
         chance = 1 / len(module.classes)
         rank_zero_info(
@@ -46,45 +53,45 @@ def summarize(trainer: L.Trainer, module: ImageClassifier, resumed_from: str | N
             f"({metrics['val/acc'] / chance:.1f}x chance), macro F1 {metrics.get('val/f1', 0):.4f}"
         )
     if module.confusion:
+        what = "pixels" if module.task.name == "segment" else "parts"
         rank_zero_info(
-            "confusion matrix (rows: true class, columns: predicted):\n"
+            f"confusion matrix of {what} (rows: true class, columns: predicted):\n"
             + confusion_table(module.classes, module.confusion)
         )
     if best:
         score = result["best_score"]
-        rank_zero_info(f"best checkpoint: {best}" + (f" (val/acc {score:.4f})" if score is not None else ""))
+        shown = f" ({ckpt.monitor} {score:.4f})" if score is not None else ""
+        rank_zero_info(f"best checkpoint: {best}{shown}")
     return result
 
 
-def write_predictions(path: str, r: dict, classes: Sequence[str], decision: Decision | None) -> None:
-    """predictions.csv: one row per sample with its class probabilities (and defect score)."""
-    predicted = r["probs"].argmax(axis=1)
-    scores = decision.scores(r["probs"], classes) if decision else None
+def write_predictions(path: str, rows) -> None:
+    """predictions.csv: the task's header and one row per sample (train/tasks: `rows`)."""
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["key", "label", "predicted", "confidence"]
-            + (["defect_score", "defect"] if decision else [])
-            + [f"p_{c}" for c in classes]
-        )
-        for i, key in enumerate(r["keys"]):
-            p = r["probs"][i]
-            row = [key, classes[r["labels"][i]], classes[predicted[i]], f"{p[predicted[i]]:.6f}"]
-            if decision:
-                row += [f"{scores[i]:.6f}", int(scores[i] >= decision.threshold)]
-            w.writerow(row + [f"{v:.6f}" for v in p])
+        csv.writer(f).writerows(rows)
+
+
+# The headline figures of each task's report: (what the console calls it, its key)
+HEADLINE = (
+    ("top-1", "top1"),
+    ("exact-set accuracy", "exact_set_accuracy"),
+    ("macro AP", "macro_ap"),
+    ("macro F1", "macro_f1"),
+    ("defect-pixel IoU", "defect_iou"),
+    ("mean IoU", "miou"),
+)
 
 
 def print_evaluation(report: dict, out: str) -> None:
     """The console summary of an evaluation, printed once."""
     bad = report["bad_samples"]["count"]
+    shown = [(n, k) for n, k in HEADLINE if k in report]
     log.info(
-        "evaluated %d samples of split %s%s: top-1 %.4f, macro F1 %.4f",
+        "evaluated %d samples of split %s%s: %s",
         report["samples"],
         report["dataset"]["split"],
         f" ({bad} bad, skipped)" if bad else "",
-        report["top1"],
-        report["macro_f1"],
+        ", ".join(f"{n} {report[k]:.4f}" for n, k in shown),
     )
     d = report.get("defect")
     if d and "threshold" in d:
@@ -109,9 +116,13 @@ def print_evaluation(report: dict, out: str) -> None:
 def flat_metrics(report: dict) -> dict[str, float]:
     """An evaluation report as tracker metrics: eval/SPLIT/top1, eval/SPLIT/defect/threshold, ..."""
     prefix = f"eval/{report['dataset']['split']}"
-    metrics = {f"{prefix}/{k}": report[k] for k in ("top1", "top5", "macro_f1") if k in report}
-    for name, m in report["per_class"].items():
-        metrics |= {f"{prefix}/{k}/{name}": m[k] for k in ("precision", "recall")}
+    keys = ("top1", "top5", "macro_f1", "macro_ap", "exact_set_accuracy", "defect_iou", "miou", "mdice")
+    metrics = {f"{prefix}/{k}": report[k] for k in keys if k in report}
+    per = report.get("per_class") or report.get("per_label") or {}
+    for name, m in per.items():
+        metrics |= {
+            f"{prefix}/{k}/{name}": m[k] for k in ("precision", "recall", "ap", "f1", "iou") if k in m
+        }
     d = report.get("defect")
     if d and "threshold" in d:
         keep = ("threshold", "escape_rate", "false_alarm_rate", "roc_auc", "average_precision")

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from data.errors import UserError
 from train.checkpoint import KEY, load_checkpoint
-from train.classifier import ModelSpec
+from train.network import ModelSpec
 
 log = logging.getLogger("train")
 # Rank zero's choice, for the DDP ranks Lightning starts as new processes during the fit: searching

@@ -14,24 +14,36 @@ from omegaconf import DictConfig, OmegaConf
 from data.datamodule import ShardDataModule
 from data.errors import Preempted
 from data.quality import BadDataMonitor
+from data.targets import find_good
 from train import faults, settings
 from train.checkpoint import KEY, AtomicCheckpointIO, Lineage, lineage, load_checkpoint
-from train.classifier import Classifier, build_backbone, spec_for
-from train.module import ImageClassifier
+from train.module import TaskModule
+from train.network import Network, spec_for
 from train.report import summarize
 from train.resume import check_resumable, find_resume, shared_with_ranks
 from train.tracking import build_loggers, finish, log_config, redact
 
 
-def build(cfg: DictConfig) -> tuple[ShardDataModule, ImageClassifier]:
+def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
     """The data and the model, as every launcher (local, Ray) builds them."""
-    datamodule: ShardDataModule = instantiate(cfg.data)
+    task = instantiate(cfg.task)
+    datamodule: ShardDataModule = instantiate(cfg.data, target=task.target, eval_fit=task.eval_fit)
     classes = datamodule.classes  # reads the index (writing the embedded set the first time)
     m = cfg.model
-    backbone = build_backbone(m.backbone, len(classes), m.pretrained, m.drop_rate)
-    spec = spec_for(backbone, m.backbone, classes, cfg.data.image_size, cfg.data.crop_pct)
-    module = ImageClassifier(
-        Classifier(backbone, spec),
+    backbone = task.build(m.backbone, len(classes), m.pretrained, m.drop_rate)
+    spec = spec_for(
+        backbone,
+        m.backbone,
+        classes,
+        cfg.data.image_size,
+        cfg.data.crop_pct,
+        task=task.name,
+        good=find_good(classes),
+        options=task.options(),
+    )
+    module = TaskModule(
+        Network(backbone, spec),
+        task,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         label_smoothing=m.label_smoothing,

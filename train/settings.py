@@ -33,7 +33,7 @@ from data.checks import (
 )
 from data.checks import check as check_rules
 from data.errors import UserError
-from train.classifier import backbone_problem
+from train.network import backbone_problem
 
 POSITIVE = integer(1)
 SEED = integer(0, 2**32 - 1)  # what numpy and Lightning accept
@@ -98,6 +98,7 @@ DATA: dict[str, Rule] = {
     "data.synthetic.seed": SEED,
     "data.synthetic.image_size": integer(8),
     "data.synthetic.cache_dir": text,
+    "data.synthetic.multi": FRACTION,
 }
 
 TRAINER: dict[str, Rule] = {
@@ -126,6 +127,25 @@ TRAINER: dict[str, Rule] = {
     "trainer.benchmark": optional(flag),
 }
 
+
+def _arch(v: object) -> str | None:
+    """A segmentation_models_pytorch architecture name (smp.create_model's `arch`)."""
+    archs = (
+        "Unet",
+        "UnetPlusPlus",
+        "FPN",
+        "PSPNet",
+        "DeepLabV3",
+        "DeepLabV3Plus",
+        "Linknet",
+        "MAnet",
+        "PAN",
+        "UPerNet",
+        "Segformer",
+    )
+    return None if v in archs else f"must be one of {', '.join(archs)}"
+
+
 TRAIN: dict[str, Rule] = {
     "name": text,
     "seed": SEED,
@@ -139,6 +159,12 @@ TRAIN: dict[str, Rule] = {
     "model.drop_rate": number(0, 1, open_high=True),
     "model.label_smoothing": number(0, 1, open_high=True),
     "model.channels_last": flag,
+    "task.loss": choice("asl", "bce"),
+    "task.threshold": number(0, 1, open_low=True, open_high=True),
+    "task.arch": _arch,
+    "task.min_area": integer(1),
+    "task.dice": number(0),
+    "task.decoder_channels": optional(each(POSITIVE)),
     "optim.optimizer.lr": number(0, open_low=True),
     "optim.optimizer.weight_decay": number(0),
     "optim.optimizer.momentum": number(0, 1, open_high=True),
@@ -207,6 +233,11 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
     if optimizer.get("nesterov") and not optimizer.get("momentum"):
         problems.append(("optim.optimizer.nesterov", "needs optim.optimizer.momentum above 0"))
     launcher = cfg.get("launcher") or {}
+    task, size = str((cfg.get("task") or {}).get("_target_", "")), (cfg.get("data") or {}).get("image_size")
+    if task.endswith("Segment") and isinstance(size, int) and size % 32:
+        problems.append(
+            ("data.image_size", f"{size}: task=segment needs a multiple of 32 (the encoder's stride)")
+        )
     if launcher.get("kind") == "ray" and launcher.get("strategy") == "fsdp" and not launcher.get("use_gpu"):
         problems.append(
             ("launcher.strategy", "fsdp runs on GPUs only: set launcher.use_gpu=true, or use ddp")
@@ -217,7 +248,9 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
 def _keys(cfg: Mapping) -> list[tuple[str, str]]:
     """Settings that no part takes: a typo added with `+` would fail deep inside a constructor."""
     problems = target_keys(cfg, "data") + target_keys(cfg, "trainer") + target_keys(cfg, "callbacks.*")
-    problems += target_keys(cfg, "optim.optimizer") + target_keys(cfg, "optim.scheduler")
+    problems += (
+        target_keys(cfg, "optim.optimizer") + target_keys(cfg, "optim.scheduler") + target_keys(cfg, "task")
+    )
     problems += unknown_keys(
         cfg, "model", ["backbone", "pretrained", "drop_rate", "label_smoothing", "channels_last"]
     )

@@ -1,5 +1,6 @@
-"""The network a checkpoint holds: a timm (or torchvision) backbone behind on-device normalisation,
-plus the plain-data spec that rebuilds it and preprocesses images the way training did."""
+"""The network a checkpoint holds: a timm (or torchvision) backbone, with a task's head, behind
+on-device normalisation, plus the plain-data spec that rebuilds it and preprocesses images the way
+training did."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class ModelSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, on the 0..1 scale
     std: tuple[float, float, float] = IMAGENET_STD
     extra: dict = field(default_factory=dict)  # e.g. a decision threshold, added later
+    task: str = "classify"  # train/tasks: classify, multilabel, segment
+    good: str | None = None  # the class of parts that pass (None: the data set has none)
+    options: dict = field(default_factory=dict)  # the task's own options, e.g. segment's min_area
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -99,9 +103,9 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     net.load_state_dict(usable, strict=False)
 
 
-class Classifier(nn.Module):
-    """uint8 images (B, 3, H, W) → logits (B, classes); normalisation lives here so training,
-    inference and every export share it."""
+class Network(nn.Module):
+    """uint8 images (B, 3, H, W) → logits (B, C), or (B, C, H, W) for segmentation; normalisation
+    lives here so training, inference and every export share it."""
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec):
         super().__init__()
@@ -116,25 +120,28 @@ class Classifier(nn.Module):
         return self.backbone(x)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Softmax class probabilities (B, C), float32, for uint8 images (B, 3, H, W)."""
-        return self(images).float().softmax(dim=1)
+        """float32 probabilities for uint8 images (B, 3, H, W): softmax over classes (B, C), or per
+        pixel (B, C, H, W); for multi-label an independent sigmoid per class (B, C)."""
+        logits = self(images).float()
+        return logits.sigmoid() if self.spec.task == "multilabel" else logits.softmax(dim=1)
 
     @torch.inference_mode()
     def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
         """See `train.predict.predict`: paths, PIL images or uint8 tensors in, one dict per image."""
         from train.predict import predict
 
-        def probs(batch: torch.Tensor):  # uint8 (B, 3, S, S) → (B, C)
+        def probs(batch: torch.Tensor):  # uint8 (B, 3, S, S) → (B, C) or (B, C, S, S)
             return self.probabilities(batch.to(self.mean.device)).cpu().numpy()
 
         return predict(images, self.spec, probs, batch_size)
 
 
 def spec_for(
-    net: nn.Module, backbone: str, classes: Sequence[str], image_size: int, crop_pct: float
+    net: nn.Module, backbone: str, classes: Sequence[str], image_size: int, crop_pct: float, **task
 ) -> ModelSpec:
-    """The spec of a freshly built backbone, with the normalisation its pretrained weights expect."""
+    """The spec of a freshly built network, with the normalisation its pretrained weights expect;
+    `task` holds the spec's task, good and options."""
     cfg = getattr(net, "pretrained_cfg", None) or {}
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
-    return ModelSpec(backbone, tuple(classes), image_size, crop_pct, mean, std)
+    return ModelSpec(backbone, tuple(classes), image_size, crop_pct, mean, std, **task)
