@@ -35,7 +35,7 @@ def test_every_experiment_composes_and_instantiates(experiment, compose, tmp_pat
     assert trainer.max_epochs >= 1
 
 
-@pytest.mark.parametrize("group", ["optim", "trainer", "logger", "data"])
+@pytest.mark.parametrize("group", ["optim", "trainer", "logger", "data", "task"])
 def test_every_option_of_a_group_composes(group, compose, tmp_path):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         cfg = compose(f"{group}={option}", f"paths.output_dir={tmp_path}")

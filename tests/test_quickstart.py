@@ -46,3 +46,40 @@ def test_quickstart_learns_well_above_chance(tmp_path):
     assert metrics["top1"] == pytest.approx(acc, abs=1e-4) and metrics["samples"] == 2000
     assert metrics["defect"]["escape_rate"] <= 0.005
     assert json.loads((tmp_path / "bundle" / "parity.json").read_text())["passed"] is True
+
+
+def _run(tmp_path, *args: str) -> str:
+    env = {**os.environ, "SHARDTRAIN_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1200
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out.stdout + out.stderr
+
+
+def _quickstart(tmp_path, experiment: str, figure: str) -> tuple[float, dict]:
+    """Train the experiment, evaluate its best checkpoint and export the evaluated model:
+    (the figure the training log ends with, metrics.json)."""
+    log = _run(tmp_path, "train", f"+experiment={experiment}", "trainer.enable_progress_bar=false")
+    value = float(re.search(rf"final validation {figure}: ([0-9.]+)", log).group(1))
+    print(f"{experiment}: {figure} {value:.4f}")
+    best = re.search(r"best checkpoint: (\S+\.ckpt)", log).group(1)
+    _run(tmp_path, "train.evaluate", f"ckpt={best}", "out=eval", "trainer.enable_progress_bar=false")
+    _run(tmp_path, "train.export", "ckpt=eval/model.ckpt", "format=onnx", "out=bundle")
+    assert json.loads((tmp_path / "bundle" / "parity.json").read_text())["passed"] is True
+    return value, json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_quickstart_segment_finds_the_defect_pixels(tmp_path):
+    iou, metrics = _quickstart(tmp_path, "quickstart_segment", "defect-pixel IoU")
+    assert (
+        iou >= 0.5 and metrics["task"] == "segment" and metrics["defect_iou"] == pytest.approx(iou, abs=1e-3)
+    )
+    assert metrics["defect"]["roc_auc"] >= 0.9
+
+
+@pytest.mark.slow
+def test_quickstart_multilabel_names_the_defects(tmp_path):
+    f1, metrics = _quickstart(tmp_path, "quickstart_multilabel", "macro F1")
+    assert f1 >= 0.8 and metrics["task"] == "multilabel" and metrics["macro_f1"] >= 0.8

@@ -88,3 +88,15 @@ def test_bench_preemption_reports_both_exits_and_the_check_time(tmp_path):
     assert figures["ours"]["exit_status"] == 143 and figures["ours"]["last_ckpt_step"] >= 3
     assert figures["lightning"]["exit_status"] == 0  # Lightning's own SIGTERM handling, the baseline
     assert figures["check_ms"] > 0 and figures["ours_over_lightning_exit"] > 0
+
+
+def test_bench_tasks_writes_the_task_ratios(tmp_path):
+    run(
+        "bench_tasks.py",
+        *("--image-size", "32", "--stored", "48", "--images", "200", "--batch", "16"),
+        *("--warmup", "1", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "tasks.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "tasks.json").read_text())
+    for key in ("loader_mask_over_class", "segment_over_classify", "multilabel_over_classify"):
+        assert figures[key] > 0, key

@@ -139,3 +139,90 @@ def test_two_ranks_count_the_same_pixels_as_one(tmp_path, tiny_index):
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["confusion"] == one["confusion"] and two["pixels"] == one["pixels"]
     assert two["defect"]["threshold"] == pytest.approx(one["defect"]["threshold"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["multilabel", "segment"])
+def test_ddp_trains_every_task_on_each_sample_once(tmp_path, train_command, task):
+    """2 CPU ranks, the audit on: each rank trains its own equal share, no sample twice."""
+    cmd = train_command(
+        f"task={task}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.audit=true",
+        "data.num_workers=1", "logger=none", f"paths.log_dir={tmp_path}", "name=ddp",
+    )  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (run_dir,) = (tmp_path / "ddp").iterdir()
+    files = {p.name: p.read_text().splitlines() for p in sorted((run_dir / "audit").glob("epoch*.txt"))}
+    assert sorted(files) == ["epoch000-rank000.txt", "epoch000-rank001.txt"]
+    keys = files["epoch000-rank000.txt"] + files["epoch000-rank001.txt"]
+    assert len(files["epoch000-rank000.txt"]) == len(files["epoch000-rank001.txt"]) == 5 * 16
+    assert len(set(keys)) == len(keys) == 160  # 180 train samples, cut to 5 batches per rank
+
+
+def test_region_score_is_the_strongest_region_of_min_area():
+    from train.tasks.regions import region_score
+
+    p = np.zeros((10, 10), np.float32)
+    p[1:3, 1:3] = 0.9  # a region of 4 pixels at 0.9
+    p[6:9, 6:9] = 0.6  # 9 pixels at 0.6
+    p[0, 9] = 1.0  # one strong pixel
+    assert region_score(p, 1) == pytest.approx(1.0)
+    assert region_score(p, 4) == pytest.approx(0.9)
+    assert region_score(p, 5) == pytest.approx(0.6)
+    assert region_score(p, 10) == pytest.approx(0.0)  # at 0, the whole map is one region
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # against brute force over every level
+        q = rng.random((12, 12)).astype(np.float32) ** 3
+        from scipy import ndimage
+
+        def largest(t, q=q):
+            labels, n = ndimage.label(q >= t, structure=np.ones((3, 3)))
+            return np.bincount(labels.ravel())[1:].max() if n else 0
+
+        best = max(t for t in np.unique(q) if largest(t) >= 6)
+        assert region_score(q, 6) == pytest.approx(best)
+
+
+def test_segmentation_and_multilabel_metrics_by_hand():
+    from train.metrics import average_precision, multilabel_report, segmentation_report
+
+    confusion = np.array([[90, 5, 5], [2, 6, 2], [0, 0, 0]])  # rows: true good, crack, spot
+    r = segmentation_report(confusion, ("ok", "crack", "spot"), 0)
+    assert r["per_class"]["crack"]["iou"] == pytest.approx(6 / (6 + 5 + 4))
+    assert r["per_class"]["spot"]["iou"] == 0 and r["pixels"] == 110
+    # defect pixels: true 10, predicted 10+... crack+spot against good: tp 8, fp 10, fn 2
+    assert r["defect_iou"] == pytest.approx(8 / (8 + 10 + 2))
+    truth = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], bool)
+    probs = np.array([[0.9, 0.2], [0.4, 0.7], [0.6, 0.3], [0.1, 0.1]])
+    m = multilabel_report(truth, probs, ("a", "b"), [0, 1], np.array([0.5, 0.5]))
+    assert m["per_label"]["b"]["recall"] == 0.5 and m["per_label"]["a"]["f1"] == 1.0
+    assert m["exact_set_accuracy"] == 0.75
+    import torchmetrics.functional as tmf
+
+    s = np.array([0.9, 0.4, 0.6, 0.1, 0.6])
+    t = np.array([1, 0, 1, 0, 0], bool)
+    expected = tmf.classification.binary_average_precision(torch.tensor(s), torch.tensor(t).long())
+    assert average_precision(t, s) == pytest.approx(float(expected))
+
+
+def test_checkpoints_and_bundles_from_before_tasks_load_as_classify():
+    from train import tasks
+    from train.bundle import spec_of
+    from train.network import ModelSpec
+
+    old = {"backbone": "test_resnet", "classes": ["a", "b"], "image_size": 32, "crop_pct": 0.875,
+           "mean": [0.5] * 3, "std": [0.5] * 3, "extra": {}}  # fmt: skip
+    spec = ModelSpec.from_dict(old)
+    assert spec.task == "classify" and tasks.of(spec).name == "classify"
+    info = {"model": {"backbone": "test_resnet"}, "classes": ["a", "b"], "image_size": 32, "crop_pct": 0.875,
+            "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}  # fmt: skip
+    assert spec_of(info).task == "classify"
+
+
+def test_a_labels_own_threshold_has_the_best_f1():
+    from train.tasks.multilabel import best_f1_threshold
+
+    scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.2])
+    truth = np.array([1, 1, 0, 1, 0, 0], bool)
+    # at 0.8: tp 2, f1 = 4/5; at 0.4: tp 3, predicted 4, f1 = 6/7; at 0.9: 2/4
+    assert best_f1_threshold(scores, truth) == pytest.approx(0.4)

@@ -62,6 +62,16 @@ class MultiLabelMetrics(nn.Module):
             metric.reset()
 
 
+def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The score threshold (predict "on" at >= it) with the highest F1; the highest on ties."""
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # the last index of each distinct score
+    tp = np.cumsum(t)[last]
+    f1 = 2 * tp / (last + 1 + t.sum())  # 2 tp / (predicted + actual)
+    return float(s[last][np.argmax(f1)])
+
+
 def defect_labels(spec: ModelSpec) -> list[int]:
     """The columns that are labels a part can have: every class but the good one."""
     return [i for i, c in enumerate(spec.classes) if c != spec.good]
@@ -112,16 +122,13 @@ class MultiLabel:
         return out
 
     def label_thresholds(self, r: dict, spec: ModelSpec, target_escape: float) -> dict[str, float]:
-        """Each defect label's own threshold at the target escape rate (among the parts that have
-        it); a label no evaluated part has keeps the default."""
-        from train.decision import choose_threshold
-
+        """Each defect label's own threshold: the one with the best F1 on the evaluated split
+        (which labels a part shows is a report, the stop decision is the part's defect score
+        at the target escape rate); a label no evaluated part has keeps the default."""
         out = {}
         for j in defect_labels(spec):
             has = r["truth"][:, j]
-            out[spec.classes[j]] = (
-                choose_threshold(r["probs"][has, j], target_escape) if has.any() else self.threshold
-            )
+            out[spec.classes[j]] = best_f1_threshold(r["probs"][:, j], has) if has.any() else self.threshold
         return out
 
     # ---- evaluation -----------------------------------------------------------------------------
