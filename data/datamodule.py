@@ -35,7 +35,8 @@ class ShardDataModule(L.LightningDataModule):
     `index` is the data set's dataset.json; left None, the embedded inspection set described by
     `synthetic` (num_samples, seed, image_size, cache_dir) is used, and `prepare_data` writes it
     on first use. A given index is never generated over. `target` and `eval_fit` come from the
-    task: what each sample's target is, and how evaluation fits an image to the input size.
+    task: what each sample's target is, and how evaluation fits an image to the input size;
+    `augment` too (False: training reads images through the eval transform).
     """
 
     def __init__(
@@ -59,15 +60,21 @@ class ShardDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.01,
         missing_shards: Literal["fail", "skip"] = "fail",
         persistent_workers: bool = True,
-        target: Literal["class", "labels", "mask"] = "class",
+        target: Literal["class", "labels", "mask", "anomaly"] = "class",
         eval_fit: Literal["crop", "stretch"] = "crop",
+        augment: bool = True,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
         self.train_split, self.val_split = train_split, val_split
-        self.train_transform = TrainTransform(image_size, tuple(train_scale), tuple(train_ratio), hflip)
         self.eval_transform = EvalTransform(image_size, crop_pct, eval_fit)
+        # augment=False (a memory bank of good patches): training sees images as evaluation does
+        self.train_transform = (
+            TrainTransform(image_size, tuple(train_scale), tuple(train_ratio), hflip)
+            if augment
+            else self.eval_transform
+        )
         self.target = target  # what the task learns: set by the task (train/tasks), not by config
         self.synthetic = dict(synthetic) if index is None and synthetic else None
         self._index_url = None if index is None else str(index)
@@ -106,6 +113,11 @@ class ShardDataModule(L.LightningDataModule):
                 f"task=segment needs masks, and the data set {index.location} was written without any: "
                 "write it with a mask column (python -m data write --from-manifest, or the MVTec AD layout)"
             )
+        if self.target == "anomaly" and targets.find_good(index.classes) is None:
+            raise UserError(
+                f"task=anomaly learns what good parts look like, and the data set {index.location} has no "
+                f"good class among {list(index.classes)} (one named good, ok or pass): name it so"
+            )
         return index
 
     @property
@@ -143,7 +155,11 @@ class ShardDataModule(L.LightningDataModule):
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
             ShardStream(
-                urls, plan, transform, targets.reader(self.target, self.index.labels), self.missing_shards
+                urls,
+                plan,
+                transform,
+                targets.reader(self.target, self.index.labels, train),
+                self.missing_shards,
             ),
             settle,
             length,

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from data.distributed import all_gather_objects
 from data.errors import UserError
+from data.samples import is_left_out
 
 
 class BadDataMonitor(L.Callback):
@@ -32,21 +33,38 @@ class BadDataMonitor(L.Callback):
             self.shards.update(batch[3]["shards"])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        local = torch.tensor([self.good, sum(self.reasons.values())], dtype=torch.float64)
-        good, bad = (int(x) for x in trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum"))
+        # Samples a task leaves out on purpose (task=anomaly: the defects of the train split) are
+        # counted apart: they are no bad data, and the bad fraction is of the samples it trains on.
+        left = sum(n for r, n in self.reasons.items() if is_left_out(r))
+        local = torch.tensor([self.good, sum(self.reasons.values()) - left, left], dtype=torch.float64)
+        reduced = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum")
+        good, bad, left = (int(x) for x in reduced)
         fraction = bad / max(1, good + bad)
-        pl_module.log_dict({"data/bad_samples": float(bad), "data/bad_fraction": fraction}, sync_dist=False)
+        logged = {"data/bad_samples": float(bad), "data/bad_fraction": fraction}
+        if left:
+            logged["data/left_out"] = float(left)
+        pl_module.log_dict(logged, sync_dist=False)
         if bad:
             rank_zero_info(f"epoch {trainer.current_epoch}: skipped {bad} bad samples ({fraction:.2%})")
+        if left and trainer.current_epoch == 0:
+            rank_zero_info(
+                f"left out {left} defect samples of the train split this epoch: task=anomaly learns from "
+                f"the {good} good ones (defects belong in val and test, where they are scored)"
+            )
         shards, reasons = self._gather(trainer)
         self.good, self.reasons, self.shards = 0, Counter(), Counter()
+        if good == 0 and left:
+            raise UserError(
+                f"the train split has no good samples (all {left} were defects): task=anomaly learns from "
+                "good parts only; write good images into the train split"
+            )
         if good == 0:
             raise UserError(
                 "no training sample could be read this epoch (run python -m data verify on the data set)"
             )
         if fraction > self.max_bad_fraction:
             worst = ", ".join(f"{url} ({n})" for url, n in shards.most_common(3))
-            why = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            why = ", ".join(f"{n} {r}" for r, n in reasons.most_common() if not is_left_out(r))
             raise UserError(
                 f"{fraction:.1%} of this epoch's training samples were bad ({why}), over "
                 f"data.max_bad_fraction={self.max_bad_fraction}; worst shards: {worst} "

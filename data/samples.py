@@ -18,6 +18,15 @@ class BadSample(ValueError):
     """A sample that cannot train: the message is the reason, counted per kind."""
 
 
+# The reason of samples a task leaves out on purpose (task=anomaly trains on good parts only):
+# counted and reported, but never bad data, so never held against data.max_bad_fraction.
+LEFT_OUT = "left out: a defect sample in the train split (task=anomaly learns from good parts only)"
+
+
+def is_left_out(reason: str) -> bool:
+    return reason.startswith("left out")
+
+
 def tar_samples(fileobj: BinaryIO, url: str) -> Iterator[dict]:
     """{"__key__", "__url__", "jpg", "cls", ...} in file order. Files are grouped into samples
     as webdataset groups them: the key is the path up to the first dot of the file name, the

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data import samples as shard_samples
 from data.errors import UserError
 from data.plan import EpochPlan, Sample
-from data.samples import BadSample
+from data.samples import BadSample, is_left_out
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,15 @@ class BadSamples:
     def __call__(self, reason: str, url: str, key: str, error: Exception | None = None) -> None:
         self.counts[reason] += 1
         self._reasons[reason] += 1
+        if is_left_out(reason):  # on purpose, not bad data: no shard to blame, nothing to warn of
+            return
         self._shards[url] += 1
-        if sum(self.counts.values()) <= self.show:
+        if sum(self._bad_counts()) <= self.show:
             detail = f": {error}" if error else ""
             log.warning("skipped sample %s in %s (%s%s)", key, url, reason, detail)
+
+    def _bad_counts(self):
+        return (n for r, n in self.counts.items() if not is_left_out(r))
 
     def take(self) -> dict:
         out = {"reasons": dict(self._reasons), "shards": dict(self._shards)}
@@ -151,6 +156,7 @@ def batched(samples: Iterable[tuple | None], size: int, bad: BadSamples) -> Iter
     Yields (images uint8 (b, 3, S, S), labels (b,), b keys, bad counts since the last batch).
     """
     pending: list[tuple] = []
+    last: list[tuple] = []  # the samples of the last batch yielded
     owed = positions = 0
     for item in samples:
         positions += 1
@@ -160,11 +166,21 @@ def batched(samples: Iterable[tuple | None], size: int, bad: BadSamples) -> Iter
             owed += 1
             if len(pending) >= owed:
                 yield from _split(pending, owed, bad)
-                pending, owed = [], 0
+                last, pending, owed = pending, [], 0
     if positions % size:  # the last, partial group (evaluation only)
         owed += 1
     if owed and len(pending) >= owed:
         yield from _split(pending, owed, bad)
+    elif owed and last and any(is_left_out(r) for r in bad.counts):
+        # Defects a task leaves out on purpose (task=anomaly) emptied the worker's last groups:
+        # they are paid with the samples of its last batch again, so the batch count still holds.
+        yield from _split((pending + last * owed)[: max(owed, len(pending))], owed, bad)
+    elif owed and bad.counts and all(is_left_out(r) for r in bad.counts):
+        raise UserError(
+            f"{owed} planned batch(es) of this loader worker hold defect samples only ({dict(bad.counts)}): "
+            "task=anomaly trains on the good samples of the train split, so it needs good samples there "
+            "(check the split with python -m data inspect)"
+        )
     elif owed:
         raise UserError(
             f"{owed} planned batch(es) of this loader worker lost every sample to bad data "

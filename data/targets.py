@@ -5,6 +5,9 @@
             (absent: the sample's class, so a classification set trains as multi-label)
     mask    KEY.mask.png: one channel of class indices, 0 the good class → uint8 (H, W)
             (absent on a good sample: all good)
+    anomaly the same mask as good (0) / defect (1) pixels → uint8 (H, W); 255 everywhere on a
+            defect sample without a mask (a defect, place unknown). In the train split a defect
+            sample is left out (LEFT_OUT): the anomaly task learns what good looks like
 
 A target that cannot be read is a BadSample with a reason of its own, counted by the loader.
 Torch-free, so `data verify` shares it.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.samples import BadSample, Labels, image_bytes
+from data.samples import LEFT_OUT, BadSample, Labels, image_bytes
 
 GOOD_NAMES = ("good", "ok", "pass")  # MVTec AD's name, our embedded set's, and a line's
 MASK_EXT = "mask.png"
@@ -130,15 +133,46 @@ class Mask:
         return mask
 
 
-def reader(kind: str, labels: Labels):
-    """The target reader a task asks for: "class", "labels" or "mask"."""
+UNKNOWN = 255  # an anomaly target's pixel of a defect sample whose defect has no mask
+
+
+@dataclass(frozen=True)
+class AnomalyMap:
+    labels: Labels
+    train: bool  # the train split: defect samples are left out, before their image is decoded
+    spatial = True
+
+    def __call__(self, sample: dict) -> np.ndarray:
+        classes = self.labels.classes
+        label = self.labels(sample)
+        good = classes[label] == find_good(classes)
+        if self.train and not good:
+            raise BadSample(LEFT_OUT)
+        if MASK_EXT in sample:
+            mask = mask_classes(read_mask(sample[MASK_EXT]), label, len(classes)) > 0
+            if good and mask.any():
+                raise BadSample("defect pixels in the mask of a good sample")
+            if good or mask.any():
+                return mask.astype(np.uint8)
+        # No mask, or a defect's mask without a defect pixel: a defect, its place unknown.
+        from data.decode import open_image
+
+        im = open_image(image_bytes(sample))  # header only: the size of the map
+        return np.full((im.height, im.width), 0 if good else UNKNOWN, np.uint8)
+
+
+def reader(kind: str, labels: Labels, train: bool = False):
+    """The target reader a task asks for: "class", "labels", "mask" or "anomaly" (`train`: the
+    reader of the train split, where the anomaly task leaves defects out)."""
     if kind == "class":
         return labels
     if kind == "labels":
         return MultiHot(labels)
     if kind == "mask":
         return Mask(labels)
-    raise ValueError(f"target {kind!r}: expected class, labels or mask")
+    if kind == "anomaly":
+        return AnomalyMap(labels, train)
+    raise ValueError(f"target {kind!r}: expected class, labels, mask or anomaly")
 
 
 def encode_mask(mask: np.ndarray) -> bytes:

@@ -227,7 +227,7 @@ def test_a_split_without_defect_samples_reports_without_a_threshold():
 
     r = {"is_defect": np.zeros(3, bool)}
     scores = np.array([0.1, 0.2, 0.4])
-    section, decision, curves = _decide(("ok", ("scratch",), 0.005, None, "target_escape"), r, scores)
+    section, decision, curves = _decide(("ok", ("scratch",), 0.005, None, "target_escape", 0.01), r, scores)
     assert decision is None and curves is None and "no defect samples" in section["skipped"]
 
 

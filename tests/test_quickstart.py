@@ -83,3 +83,10 @@ def test_quickstart_segment_finds_the_defect_pixels(tmp_path):
 def test_quickstart_multilabel_names_the_defects(tmp_path):
     f1, metrics = _quickstart(tmp_path, "quickstart_multilabel", "macro F1")
     assert f1 >= 0.8 and metrics["task"] == "multilabel" and metrics["macro_f1"] >= 0.8
+
+
+@pytest.mark.slow
+def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
+    auroc, metrics = _quickstart(tmp_path, "quickstart_anomaly", "image AUROC")
+    assert auroc >= 0.85 and metrics["task"] == "anomaly" and metrics["image_auroc"] >= 0.85
+    assert metrics["pixel_auroc"] >= 0.7 and metrics["defect"]["chosen_by"] == "target_escape"

@@ -8,8 +8,9 @@ images as the checkpoint did, and `load_bundle`, which runs one with the same `p
 
 The model takes the preprocessed image itself: uint8 RGB pixels (N, 3, S, S), or an RGB image
 for Core ML; normalisation and softmax (a sigmoid per class for multi-label) run inside, so the
-output is probabilities: (N, C), or per pixel (N, C, S, S) for segmentation. The threshold
-travels as data in preprocess.json, never inside the graph.
+output is probabilities: (N, C), or per pixel (N, C, S, S) for segmentation (for anomaly the
+raw anomaly map (N, 1, S, S), calibrated outside the graph with preprocess.json's
+`calibration`). The threshold travels as data in preprocess.json, never inside the graph.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
         "task": {"name": task.name, "good": spec.good, "options": spec.options},
         "classes": list(spec.classes),
         "decision": spec.extra.get("decision"),
+        **({"calibration": spec.extra["calibration"]} if "calibration" in spec.extra else {}),
         "decision_rule": RULES[task.name],
         "source": source,
     }
@@ -121,6 +123,12 @@ OUTPUTS = {
         "meaning": "softmax probabilities per pixel; resize them (bilinear) to the image's own size, then "
         "the mask is their argmax (class indices, 0 the good class)",
     },
+    "anomaly": lambda s: {
+        "name": "probs",
+        "shape": ["batch", 1, s.image_size, s.image_size],
+        "meaning": "the raw anomaly map, on the method's own scale (task.options.method): calibrate it with "
+        "calibration.q as raw / (raw + q), then resize it (bilinear) to the image's own size",
+    },
 }
 RULES = {
     "classify": "defect_score = the sum of the probabilities of decision.defect_classes; stop the part when "
@@ -132,6 +140,11 @@ RULES = {
     "image's own size; defect_score = the largest t such that {defect_map >= t} has an 8-connected region of "
     "at least task.options.min_area pixels; stop the part when defect_score >= decision.threshold (0.5 "
     "without a decision)",
+    "anomaly": "raw_score = the maximum of the raw map at the model's input size; defect_score = raw_score / "
+    "(raw_score + calibration.q) (q: the calibration quantile of good validation parts' raw scores, so 0.5 "
+    "is "
+    "that quantile); stop the part when defect_score >= decision.threshold (0.5 without a decision); the "
+    "anomaly map is raw / (raw + q) per pixel",
 }
 
 
@@ -145,7 +158,7 @@ def quiet_torchscript() -> Iterator[None]:
 
 def spec_of(info: dict) -> ModelSpec:
     n = info["normalize"]
-    extra = {"decision": info["decision"]} if info.get("decision") else {}
+    extra = {k: info[k] for k in ("decision", "calibration") if info.get(k)}
     task = info.get("task") or {"name": "classify"}  # bundles written before tasks classify
     return ModelSpec(
         info["model"]["backbone"],

@@ -12,7 +12,7 @@ import numpy as np
 from data.distributed import all_gather_objects
 from train.network import Network
 
-SUMMED = ("counts",)  # per-batch arrays that add up (segmentation's pixel confusion)
+SUMMED = ("counts", "pixel_counts")  # per-batch arrays that add up (pixel confusion, histograms)
 
 
 class Predictions(L.LightningModule):

@@ -14,7 +14,10 @@ threshold t on an evaluation set with n defect and m good samples:
     false-alarm rate = #{good samples with s >= t} / m      good parts stopped
 
 `choose_threshold` returns the highest t whose escape rate is at most the target, which is the
-fewest false alarms that target allows. Pure numpy, so it is tested exhaustively.
+fewest false alarms that target allows. A split with good parts only (an anomaly detector's
+validation, before any defect was collected) cannot measure escapes: `choose_for_false_alarm`
+then returns the lowest t that stops at most a target share of the good parts, the most
+sensitive threshold that false-alarm budget allows. Pure numpy, so it is tested exhaustively.
 """
 
 from __future__ import annotations
@@ -190,6 +193,64 @@ def report(
             {"target_escape": t, **operating_point(defect_scores, good_scores, thr)}
             for t in TARGETS
             for thr in [choose_threshold(defect_scores, t)]
+        ],
+        "notes": notes,
+    }
+
+
+def choose_for_false_alarm(good_scores: np.ndarray, target_false_alarm: float) -> float:
+    """The lowest threshold that stops at most `target_false_alarm` of the good samples.
+
+    With the m good scores sorted descending, g(1) >= ... >= g(m), at most k = floor(target × m)
+    may be stopped; the threshold just above g(k+1) (the next float) stops those strictly above
+    it (k, or fewer on ties), and any lower one stops g(k+1) too. Never the minimum score, which
+    would stop every part (anomalib 2433).
+    """
+    check_rate("defect.target_false_alarm", target_false_alarm)
+    scores = np.sort(np.asarray(good_scores, dtype=np.float64))[::-1]
+    if scores.size == 0:
+        raise UserError("the evaluated split has no good samples, so no false-alarm threshold can be chosen")
+    allowed = math.floor(target_false_alarm * scores.size + 1e-9)
+    return float(np.nextafter(scores[allowed], np.inf))
+
+
+FALSE_ALARM_TARGETS = (0.001, 0.005, 0.01, 0.02, 0.05)
+
+
+def false_alarm_report(
+    good_scores: np.ndarray,
+    target_false_alarm: float,
+    threshold: float | None = None,
+    chosen_by: str = "given threshold",
+) -> dict:
+    """The operating point on a split of good samples only: the false alarms at `threshold`
+    (chosen for `target_false_alarm` when None), with a 95% upper bound, and the thresholds of
+    the standard false-alarm targets. Escapes cannot be measured there, and the report says so."""
+    goods = np.asarray(good_scores, dtype=np.float64)
+    chosen = choose_for_false_alarm(goods, target_false_alarm) if threshold is None else float(threshold)
+    alarms = int((goods >= chosen).sum())
+    notes = [
+        "the split has no defect samples: the threshold follows defect.target_false_alarm, and the escape "
+        "rate is unknown until defects are evaluated (python -m train.evaluate split=test)"
+    ]
+    if threshold is None and 0 < target_false_alarm * goods.size < 1:
+        notes.append(
+            f"only {goods.size} good samples: a {target_false_alarm:.2%} false-alarm rate needs at least "
+            f"{math.ceil(1 / target_false_alarm)}, so this threshold stops none of them"
+        )
+    return {
+        "target_false_alarm": target_false_alarm,
+        "chosen_by": "target_false_alarm" if threshold is None else chosen_by,
+        "threshold": chosen,
+        "good_samples": int(goods.size),
+        "defect_samples": 0,
+        "false_alarms": alarms,
+        "false_alarm_rate": alarms / goods.size,
+        "false_alarm_rate_upper95": wilson_upper(alarms, int(goods.size)),
+        "at_targets": [
+            {"target_false_alarm": t, "threshold": thr, "false_alarms": int((goods >= thr).sum())}
+            for t in FALSE_ALARM_TARGETS
+            for thr in [choose_for_false_alarm(goods, t)]
         ],
         "notes": notes,
     }

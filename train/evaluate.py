@@ -6,7 +6,9 @@ gives each sample to exactly one rank), and the gathered predictions make:
     out/metrics.json      the task's metrics (classify: top-1, top-5, macro F1, per-class
                           precision/recall, confusion; multilabel: per-label AP/F1/threshold,
                           exact-set accuracy; segment: per-class IoU/Dice, defect-pixel IoU,
-                          pixel confusion), bad samples, and the defect decision
+                          pixel confusion; anomaly: image AUROC/AP, F1-max, pixel AUROC,
+                          AUPRO, raw scores, calibration), bad samples, and the defect decision
+                          (a split of good parts only: anomaly's false-alarm rule)
     out/predictions.csv   one row per sample: key, truth, prediction, defect score, probabilities
     out/confusion.png     out/mistakes.png (worst parts; segment: image, true and predicted mask)
     out/defect.png        ROC and precision-recall of the part's defect score
@@ -86,6 +88,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
 
     bad = sum(r["bad"].values())
     _check_counts(r["keys"], bad, expected, cfg)
+    calibration = None
+    if hasattr(task, "calibrate"):  # anomaly: raw scores → defect scores in [0, 1]
+        spec, calibration = task.calibrate(r, spec)
     report = {
         "checkpoint": os.path.abspath(cfg.ckpt),
         "dataset": {
@@ -97,11 +102,12 @@ def evaluate(cfg: DictConfig) -> dict | None:
         "bad_samples": {"count": bad, "reasons": dict(r["bad"])},
         "task": task.name,
         **task.report(r, spec),
+        **({"calibration": calibration} if calibration else {}),
     }
     decision, curves, scores = None, None, None
     if chosen:
         scores = r["defect_scores"] if "defect_scores" in r else task.defect_scores(r["probs"], spec, defects)
-        report["defect"], decision, curves = _decide(chosen, r, scores)
+        report["defect"], decision, curves = _decide(chosen, r, scores, task.name == "anomaly")
         if decision and hasattr(task, "label_thresholds"):  # multi-label: each label's own too
             labels = task.label_thresholds(r, spec, chosen[2])
             decision = replace(decision, labels=labels)
@@ -110,6 +116,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
         report["defect"] = {"skipped": note}
         log.warning("%s", note)
 
+    if scores is None and "defect_scores" in r:
+        scores = r["defect_scores"]
     if decision:  # what model.ckpt carries, and what predictions.csv's decisions follow
         spec = replace(spec, extra={**spec.extra, "decision": decision.to_dict()})
     with published(out) as tmp:
@@ -122,8 +130,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
         if "confusion" in report:
             plots.confusion_png(report["confusion"], spec.classes, os.path.join(tmp, "confusion.png"))
         plots.gallery_png(r["gallery"], os.path.join(tmp, "mistakes.png"))
-        if decision:
+        if decision and curves:
             plots.defect_png(curves, report["defect"], os.path.join(tmp, "defect.png"))
+        if decision:
             net.spec = spec
             save_model(
                 os.path.join(tmp, "model.ckpt"), net, {**meta, "evaluation": _summary(report, cfg.ckpt)}
@@ -159,8 +168,8 @@ def _check_counts(keys: list[str], bad: int, expected: int, cfg: DictConfig) -> 
 
 
 def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple[tuple | None, str]:
-    """((good, defect classes, target escape, threshold or None to choose one, how it was set),
-    or None with a note of why there is no decision to make)."""
+    """((good, defect classes, target escape, threshold or None to choose one, how it was set,
+    target false alarm), or None with a note of why there is no decision to make)."""
     if not d or d.good is None:
         return None, "defect.good=null: no defect decision asked for"
     good = d.good
@@ -173,23 +182,36 @@ def _decision_inputs(d: DictConfig | None, spec: ModelSpec) -> tuple[tuple | Non
             )
     classes = defect.defect_classes(spec.classes, good, d.classes)
     target = float(d.target_escape)  # in (0, 1): train/settings.py
+    false_alarm = float(d.get("target_false_alarm", 0.01))
     stored = spec.extra.get("decision")
     if d.threshold in (None, "auto"):
         # A model.ckpt evaluated again (on a held-out split, say) is judged by its own threshold.
         if stored and (stored["good"], tuple(stored["defect_classes"])) == (good, classes):
-            return (good, classes, target, float(stored["threshold"]), "stored with the model"), ""
-        return (good, classes, target, None, "target_escape"), ""
+            return (
+                good,
+                classes,
+                target,
+                float(stored["threshold"]),
+                "stored with the model",
+                false_alarm,
+            ), ""
+        return (good, classes, target, None, "target_escape", false_alarm), ""
     if d.threshold == "choose":
-        return (good, classes, target, None, "target_escape"), ""
-    return (good, classes, target, float(d.threshold), "given threshold"), ""
+        return (good, classes, target, None, "target_escape", false_alarm), ""
+    return (good, classes, target, float(d.threshold), "given threshold", false_alarm), ""
 
 
-def _decide(chosen: tuple, r: dict, scores: np.ndarray) -> tuple:
-    """The defect section of the report, the Decision it chose, and the curves to draw, or a
-    note of why there is none (a split without defect or without good samples)."""
-    good, defects, target, threshold, how = chosen
+def _decide(chosen: tuple, r: dict, scores: np.ndarray, good_only_rule: bool = False) -> tuple:
+    """The defect section of the report, the Decision it chose, and the curves to draw (None
+    for a split of good parts only), or a note of why there is none (a split without defect or
+    without good samples). `good_only_rule`: a split of good parts only sets the threshold by
+    the target false-alarm rate (the anomaly task's validation) rather than going without."""
+    good, defects, target, threshold, how, false_alarm = chosen
     is_defect = r["is_defect"]
     section = {"good": good, "defect_classes": list(defects)}
+    if good_only_rule and is_defect.size and not is_defect.any():
+        section |= defect.false_alarm_report(scores, false_alarm, threshold, how)
+        return section, defect.Decision(good, defects, section["threshold"]), None
     if is_defect.all() or not is_defect.any():
         missing = "good" if is_defect.all() else "defect"
         note = f"split has no {missing} samples: no threshold chosen, and no model.ckpt written"
@@ -202,14 +224,30 @@ def _decide(chosen: tuple, r: dict, scores: np.ndarray) -> tuple:
 
 def _summary(report: dict, ckpt_path: str) -> dict:
     """What model.ckpt records of the evaluation that set its threshold."""
-    keep = ("threshold", "target_escape", "escape_rate", "escape_rate_upper95", "false_alarm_rate")
-    headline = ("top1", "macro_f1", "macro_ap", "exact_set_accuracy", "defect_iou", "miou")
+    keep = (
+        "threshold",
+        "target_escape",
+        "escape_rate",
+        "escape_rate_upper95",
+        "target_false_alarm",
+        "false_alarm_rate",
+    )
+    headline = (
+        "top1",
+        "macro_f1",
+        "macro_ap",
+        "exact_set_accuracy",
+        "defect_iou",
+        "miou",
+        "image_auroc",
+        "pixel_auroc",
+    )
     return {
         "source_checkpoint": {"path": os.path.abspath(ckpt_path), "sha256": file_sha256(ckpt_path)},
         "dataset": report["dataset"],
         "samples": report["samples"],
         **{k: report[k] for k in headline if k in report},
-        "defect": {k: report["defect"][k] for k in keep},
+        "defect": {k: report["defect"][k] for k in keep if k in report["defect"]},
     }
 
 

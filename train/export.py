@@ -29,6 +29,7 @@ from train import bundle, settings, tasks
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint
 from train.cli import CONFIG_PATH, run_cli
 from train.convert import check_installed, convert, converter_version
+from train.decision import threshold_of
 from train.network import Network
 from train.outputs import check_out, published
 
@@ -80,17 +81,38 @@ def parity_images(
 # Share of decisions (a part's class, a label, a pixel's class) the export must reproduce at
 # fp32: every one, but for segmentation 99.9% of pixels (an argmax on a border pixel between two
 # near-equal classes may flip with the last bit of float arithmetic).
-AGREEMENT = {"classify": 1.0, "multilabel": 1.0, "segment": 0.999}
+AGREEMENT = {"classify": 1.0, "multilabel": 1.0, "segment": 0.999, "anomaly": 1.0}
 
 
 def check_parity(
-    reference: np.ndarray, exported: np.ndarray, tolerance: float, precision: str, task: str = "classify"
+    reference: np.ndarray,
+    exported: np.ndarray,
+    tolerance: float,
+    precision: str,
+    task: str = "classify",
+    threshold: float = 0.5,
 ) -> dict:
     """Decision agreement and largest probability difference: the top class per part (per
     pixel for segmentation), or each label at 0.5 for multi-label. At fp32 the task's share must
     agree. At fp16 a disagreement is excused where the checkpoint's own two choices lie within
-    2 × tolerance (a near-tie the allowed rounding may flip); how many were is reported."""
+    2 × tolerance (a near-tie the allowed rounding may flip); how many were is reported. For
+    anomaly the outputs are calibrated maps, and the decision is each part's stop at `threshold`."""
     diff = float(np.abs(reference - exported).max())
+    if task == "anomaly":  # calibrated maps (n, 1, S, S): each part's score, and its stop at `threshold`
+        ref, got = (
+            reference.reshape(len(reference), -1).max(axis=1),
+            exported.reshape(len(exported), -1).max(axis=1),
+        )
+        agree = (ref >= threshold) == (got >= threshold)
+        margin = np.abs(ref - threshold) * 2
+        near_tie = margin <= 2 * tolerance
+        return {
+            "max_abs_diff": diff,
+            "max_abs_score_diff": float(np.abs(ref - got).max()),
+            "top1_agreement": float(agree.mean()),
+            "near_ties_excused": int((~agree & near_tie).sum()),
+            "passed": bool(diff <= tolerance and (agree | near_tie).all()),
+        }
     if task == "multilabel":
         agree = (reference >= 0.5) == (exported >= 0.5)
         margin = np.abs(reference - 0.5) * 2  # the two choices: p and 1 - p
@@ -133,6 +155,8 @@ def export(cfg: DictConfig) -> dict:
     )
     with torch.inference_mode():
         reference = Probabilities(net)(images).numpy()  # (n, C): the checkpoint in fp32, eager
+    # anomaly: compared as the calibrated maps and scores predict returns, [0, 1] like probabilities
+    view = task.parity_view(spec) if hasattr(task, "parity_view") else (lambda x: x)
     model = Probabilities(copy.deepcopy(net).half() if precision == "fp16" else net).eval()
     tolerance = float(TOLERANCE[precision] if cfg.parity.tolerance is None else cfg.parity.tolerance)
 
@@ -174,7 +198,9 @@ def export(cfg: DictConfig) -> dict:
             chunk = min(len(images), 16)
             for batch in (1, chunk) if fmt != "coreml" else (1,):
                 got = np.concatenate([exported(images[i : i + batch]) for i in range(0, len(images), batch)])
-                report["batches"][str(batch)] = check_parity(reference, got, tolerance, precision, task.name)
+                report["batches"][str(batch)] = check_parity(
+                    view(reference), view(got), tolerance, precision, task.name, threshold_of(spec)
+                )
         # None: not checked (Core ML off macOS), which is not the same as passed.
         report["passed"] = all(b["passed"] for b in report["batches"].values()) if report["batches"] else None
         with open(os.path.join(tmp, "parity.json"), "w") as f:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import lightning.pytorch as L
 import torch
@@ -58,6 +59,12 @@ class TaskModule(L.LightningModule):
         self.train_metric = task.train_metric(net.spec)  # classify: accuracy; None elsewhere
         self.val_metrics = task.metrics(net.spec)
         self.confusion: list[list[int]] | None = None  # classes or pixels; rows: true, columns: predicted
+        # patchcore fills a memory bank: no loss, so no optimizer step to automate
+        self.automatic_optimization = not getattr(task, "frozen", False)
+        if not self.automatic_optimization:
+            # DDP refuses a module with nothing to learn; one unused scalar (outside `net`, so in
+            # no model file or export) lets a frozen task spread its pass over ranks as any other.
+            self.ddp_anchor = nn.Parameter(torch.zeros(1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -66,6 +73,8 @@ class TaskModule(L.LightningModule):
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         images, targets = batch[0], batch[1]  # uint8 (B, 3, H, W), the task's targets; then keys, bad counts
+        if hasattr(self.task, "train_step"):  # anomaly: synthetic defects, or a memory bank
+            return self.task.train_step(self, images, targets, batch[2])
         logits = self(images)
         loss = self.loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True)
@@ -74,8 +83,19 @@ class TaskModule(L.LightningModule):
             self.log("train/acc", self.train_metric, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.task, "on_train_epoch_start"):  # patchcore: a new pass, a new bank
+            self.task.on_train_epoch_start(self)
+
+    def on_validation_epoch_start(self) -> None:
+        if hasattr(self.task, "on_validation_start"):  # patchcore: the bank's final selection
+            self.task.on_validation_start(self)
+
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
         images, targets = batch[0], batch[1]
+        if getattr(self.task, "scores_maps", False):  # anomaly: scored, not a loss on real defects
+            self.val_metrics.update(self.net.probabilities(images), targets)
+            return
         logits = self(images)
         self.log("val/loss", self.loss(logits, targets), batch_size=len(images), sync_dist=True)
         self.val_metrics.update(logits, targets)
@@ -84,7 +104,12 @@ class TaskModule(L.LightningModule):
         # compute() syncs the metric states across ranks once per epoch: exact, whatever each
         # rank's batch count was.
         values = self.val_metrics.compute()
-        shown = {"val/acc", "val/f1", "val/defect_iou", "val/miou"}
+        calibration = getattr(self.val_metrics, "calibration", None)
+        if calibration:  # anomaly: what defect_score 0.5 means, in every checkpoint from now on
+            spec = self.net.spec
+            self.net.spec = replace(spec, extra={**spec.extra, "calibration": calibration})
+            self.val_metrics.spec = self.net.spec
+        shown = {"val/acc", "val/f1", "val/defect_iou", "val/miou", "val/image_auroc", "val/pixel_auroc"}
         self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True)
         self.log_dict({k: v for k, v in values.items() if k not in shown})
         self.confusion = self.val_metrics.confusion

@@ -84,18 +84,28 @@ def backbone_problem(name: object) -> str | None:
     return f"no such model ({hint}; list them with timm.list_models('resnet*'))"
 
 
-def load_pretrained(net: nn.Module, path: str) -> None:
-    """Load matching weights; the classifier head is skipped when its shape differs (a pretrained
-    ImageNet head has 1000 classes, ours has the data set's)."""
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A local weights file's tensors (.safetensors, or .pth/.bin loaded with weights_only)."""
     if not os.path.isfile(path):
         raise UserError(f"model.pretrained={path}: no such file (give a local weights file)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
+        return load_file(path)
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as e:  # pickled code, or no torch file at all
+        raise UserError(f"model.pretrained={path}: not a weights file ({str(e).splitlines()[0]})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"model.pretrained={path}: holds no state dict of tensors")
+    return state
+
+
+def load_pretrained(net: nn.Module, path: str) -> None:
+    """Load matching weights; the classifier head is skipped when its shape differs (a pretrained
+    ImageNet head has 1000 classes, ours has the data set's)."""
+    state = read_weights(path)
     own = net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
@@ -114,14 +124,19 @@ class Network(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         # In the weights' float type: float32, or float16 in a half-precision export
-        x = (images.to(self.mean.dtype) - self.mean) / self.std
-        return self.backbone(x)
+        return (images.to(self.mean.dtype) - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(images))
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """float32 probabilities for uint8 images (B, 3, H, W): softmax over classes (B, C), or per
-        pixel (B, C, H, W); for multi-label an independent sigmoid per class (B, C)."""
+        pixel (B, C, H, W); for multi-label an independent sigmoid per class (B, C); for anomaly
+        the raw anomaly map (B, 1, H, W), on the method's own scale (train/tasks/anomaly.py)."""
+        if self.spec.task == "anomaly":
+            return self.backbone.anomaly_map(self.normalize(images)).float()
         logits = self(images).float()
         return logits.sigmoid() if self.spec.task == "multilabel" else logits.softmax(dim=1)
 

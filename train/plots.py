@@ -96,10 +96,19 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return painted.astype(np.uint8)
 
 
+def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(S, S, 3) uint8: an anomaly map (S, S) in [0, 1] over the image, clear at 0, red from
+    0.5 (the calibrated strangeness of the 1% strangest good parts) up."""
+    h = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)[..., None]
+    colour = np.concatenate([np.ones_like(h), 1 - h, np.zeros_like(h)], axis=-1) * 255  # yellow → red
+    alpha = 0.7 * np.clip((h - 0.25) / 0.5, 0, 1)
+    return ((1 - alpha) * image + alpha * colour).astype(np.uint8)
+
+
 def gallery_png(items: Sequence[dict], path: str, columns: int = 8) -> None:
     """One cell per part, worst first: the image as the model saw it (uint8 (3, S, S)), its
     caption and key; a segmentation part shows three panels: the image, the true mask and the
-    predicted mask over it."""
+    predicted mask over it (an anomaly part: its anomaly map, `heat`)."""
     panels = 3 if items and "mask" in items[0] else 1
     columns = max(1, columns // panels)
     cell = THUMB * panels
@@ -112,9 +121,10 @@ def gallery_png(items: Sequence[dict], path: str, columns: int = 8) -> None:
     for i, m in enumerate(items):
         x, y = (i % columns) * cell, (i // columns) * (THUMB + CAPTION)
         image = torch.as_tensor(m["image"]).permute(1, 2, 0).numpy()  # (S, S, 3) uint8
-        shown = [image] + (
-            [overlay(image, m["mask"]), overlay(image, m["predicted_mask"])] if panels == 3 else []
-        )
+        shown = [image]
+        if panels == 3:
+            third = heat_overlay(image, m["heat"]) if "heat" in m else overlay(image, m["predicted_mask"])
+            shown += [overlay(image, m["mask"]), third]
         for k, pixels in enumerate(shown):
             sheet.paste(Image.fromarray(pixels).resize((THUMB, THUMB), Image.NEAREST), (x + k * THUMB, y))
         draw.text((x + 3, y + THUMB + 2), m["caption"], fill="black")

@@ -42,6 +42,12 @@ def summarize(trainer: L.Trainer, module: TaskModule, resumed_from: str | None =
             f"final validation defect-pixel IoU: {metrics['val/defect_iou']:.4f}, "
             f"mean IoU {metrics['val/miou']:.4f}"
         )
+    if "val/image_auroc" in metrics:
+        rank_zero_info(
+            f"final validation image AUROC: {metrics['val/image_auroc']:.4f}, pixel AUROC "
+            f"{metrics.get('val/pixel_auroc', float('nan')):.4f}, "
+            f"AUPRO {metrics.get('val/aupro', float('nan')):.4f}"
+        )
     if "val/f1" in metrics and "val/acc" not in metrics:
         rank_zero_info(
             f"final validation macro F1: {metrics['val/f1']:.4f}, mAP {metrics.get('val/map', 0):.4f}"
@@ -79,6 +85,9 @@ HEADLINE = (
     ("macro F1", "macro_f1"),
     ("defect-pixel IoU", "defect_iou"),
     ("mean IoU", "miou"),
+    ("image AUROC", "image_auroc"),
+    ("pixel AUROC", "pixel_auroc"),
+    ("AUPRO", "aupro"),
 )
 
 
@@ -94,7 +103,19 @@ def print_evaluation(report: dict, out: str) -> None:
         ", ".join(f"{n} {report[k]:.4f}" for n, k in shown),
     )
     d = report.get("defect")
-    if d and "threshold" in d:
+    if d and d.get("chosen_by") == "target_false_alarm":
+        log.info(
+            "defect threshold %.4f: false alarms %.2f%% (%d of %d good; target %.2f%%, 95%% bound %.2f%%)",
+            d["threshold"],
+            100 * d["false_alarm_rate"],
+            d["false_alarms"],
+            d["good_samples"],
+            100 * d["target_false_alarm"],
+            100 * d["false_alarm_rate_upper95"],
+        )
+        for note in d["notes"]:
+            log.warning("%s", note)
+    elif d and "threshold" in d:
         log.info(
             "defect threshold %.4f: escape rate %.2f%% (%d of %d defects; target %.2f%%, 95%% bound %.2f%%), "
             "false alarms %.2f%% (%d of %d good)",
@@ -117,6 +138,7 @@ def flat_metrics(report: dict) -> dict[str, float]:
     """An evaluation report as tracker metrics: eval/SPLIT/top1, eval/SPLIT/defect/threshold, ..."""
     prefix = f"eval/{report['dataset']['split']}"
     keys = ("top1", "top5", "macro_f1", "macro_ap", "exact_set_accuracy", "defect_iou", "miou", "mdice")
+    keys += ("image_auroc", "image_ap", "f1_max", "pixel_auroc", "aupro")
     metrics = {f"{prefix}/{k}": report[k] for k in keys if k in report}
     per = report.get("per_class") or report.get("per_label") or {}
     for name, m in per.items():
@@ -126,5 +148,5 @@ def flat_metrics(report: dict) -> dict[str, float]:
     d = report.get("defect")
     if d and "threshold" in d:
         keep = ("threshold", "escape_rate", "false_alarm_rate", "roc_auc", "average_precision")
-        metrics |= {f"{prefix}/defect/{k}": d[k] for k in keep}
+        metrics |= {f"{prefix}/defect/{k}": d[k] for k in keep if k in d}
     return {k: float(v) for k, v in metrics.items()}

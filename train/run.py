@@ -27,7 +27,9 @@ from train.tracking import build_loggers, finish, log_config, redact
 def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
     """The data and the model, as every launcher (local, Ray) builds them."""
     task = instantiate(cfg.task)
-    datamodule: ShardDataModule = instantiate(cfg.data, target=task.target, eval_fit=task.eval_fit)
+    datamodule: ShardDataModule = instantiate(
+        cfg.data, target=task.target, eval_fit=task.eval_fit, augment=getattr(task, "augments", True)
+    )
     classes = datamodule.classes  # reads the index (writing the embedded set the first time)
     m = cfg.model
     backbone = task.build(m.backbone, len(classes), m.pretrained, m.drop_rate)

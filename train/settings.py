@@ -165,6 +165,14 @@ TRAIN: dict[str, Rule] = {
     "task.min_area": integer(1),
     "task.dice": number(0),
     "task.decoder_channels": optional(each(POSITIVE)),
+    "task.method": choice("draem", "patchcore"),
+    "task.sigma": number(0),
+    "task.quantile": number(0, 1, open_low=True, open_high=True),
+    "task.defect_prob": number(0, 1, open_low=True),
+    "task.layers": each(integer(1)),
+    "task.pool": integer(1),
+    "task.budget_mb": number(0, open_low=True),
+    "task.budget_patches": optional(integer(1)),
     "optim.optimizer.lr": number(0, open_low=True),
     "optim.optimizer.weight_decay": number(0),
     "optim.optimizer.momentum": number(0, 1, open_high=True),
@@ -205,6 +213,7 @@ EVALUATE: dict[str, Rule] = {  # ckpt and out: the commands say how to set them
     "defect.good": optional(text),
     "defect.classes": optional(each(text)),
     "defect.target_escape": number(0, 1, open_low=True, open_high=True),
+    "defect.target_false_alarm": number(0, 1, open_low=True, open_high=True),
     "defect.threshold": either(choice("auto", "choose"), FRACTION),
     **DATA,
     **TRAINER,
@@ -234,9 +243,21 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
         problems.append(("optim.optimizer.nesterov", "needs optim.optimizer.momentum above 0"))
     launcher = cfg.get("launcher") or {}
     task, size = str((cfg.get("task") or {}).get("_target_", "")), (cfg.get("data") or {}).get("image_size")
-    if task.endswith("Segment") and isinstance(size, int) and size % 32:
+    method = (cfg.get("task") or {}).get("method")
+    segments = task.endswith("Segment") or (task.endswith("Anomaly") and method == "draem")
+    if segments and isinstance(size, int) and size % 32:
+        name = "segment" if task.endswith("Segment") else "anomaly task.method=draem"
         problems.append(
-            ("data.image_size", f"{size}: task=segment needs a multiple of 32 (the encoder's stride)")
+            ("data.image_size", f"{size}: task={name} needs a multiple of 32 (the encoder's stride)")
+        )
+    if task.endswith("Anomaly") and method == "patchcore" and not (cfg.get("model") or {}).get("pretrained"):
+        problems.append(
+            (
+                "model.pretrained",
+                "task.method=patchcore scores with a frozen backbone's features, so it needs its weights: "
+                "model.pretrained=PATH (a local file for model.backbone); or task.method=draem, which learns "
+                "from scratch",
+            )
         )
     if launcher.get("kind") == "ray" and launcher.get("strategy") == "fsdp" and not launcher.get("use_gpu"):
         problems.append(
