@@ -57,10 +57,12 @@ def _run(tmp_path, *args: str) -> str:
     return out.stdout + out.stderr
 
 
-def _quickstart(tmp_path, experiment: str, figure: str) -> tuple[float, dict]:
+def _quickstart(tmp_path, experiment: str, figure: str, *overrides: str) -> tuple[float, dict]:
     """Train the experiment, evaluate its best checkpoint and export the evaluated model:
     (the figure the training log ends with, metrics.json)."""
-    log = _run(tmp_path, "train", f"+experiment={experiment}", "trainer.enable_progress_bar=false")
+    log = _run(
+        tmp_path, "train", f"+experiment={experiment}", "trainer.enable_progress_bar=false", *overrides
+    )
     value = float(re.search(rf"final validation {figure}: ([0-9.]+)", log).group(1))
     print(f"{experiment}: {figure} {value:.4f}")
     best = re.search(r"best checkpoint: (\S+\.ckpt)", log).group(1)
@@ -87,6 +89,7 @@ def test_quickstart_multilabel_names_the_defects(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
-    auroc, metrics = _quickstart(tmp_path, "quickstart_anomaly", "image AUROC")
+    # 20 of its 30 epochs (8 minutes here, to image AUROC 0.93), to keep CI within its hour
+    auroc, metrics = _quickstart(tmp_path, "quickstart_anomaly", "image AUROC", "trainer.max_epochs=20")
     assert auroc >= 0.85 and metrics["task"] == "anomaly" and metrics["image_auroc"] >= 0.85
     assert metrics["pixel_auroc"] >= 0.7 and metrics["defect"]["chosen_by"] == "target_escape"

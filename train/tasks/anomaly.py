@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.errors import UserError
 from data.targets import UNKNOWN
 from train.network import ModelSpec
 from train.tasks.regions import to_size
+from train.tasks.segment import nearest
 
 METHODS = ("draem", "patchcore")
 
@@ -178,7 +178,7 @@ class Anomaly:
                     "badness": 1 - s if is_defect else s,
                     "index": i,
                     "caption": f"{'defect' if is_defect else 'good'}, score {s:.2f}",
-                    "mask": _nearest((torch.from_numpy(t) > 0).to(torch.uint8), side),
+                    "mask": nearest((torch.from_numpy(t) > 0).to(torch.uint8), side),
                     "heat": calibrated(probs[i, 0].cpu(), q).numpy(),
                 }
             )
@@ -249,7 +249,3 @@ def _summary(x: np.ndarray) -> dict | None:
         "p99": float(q[1]),
         "max": float(x.max()),
     }
-
-
-def _nearest(mask: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")[0, 0].to(torch.uint8)

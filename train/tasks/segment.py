@@ -189,8 +189,8 @@ class Segment:
                         "badness": 1 - iou,
                         "index": i,
                         "caption": f"defect IoU {iou:.2f}, score {score:.2f}",
-                        "mask": _nearest(m, side),
-                        "predicted_mask": _nearest(predicted, side),
+                        "mask": nearest(m, side),
+                        "predicted_mask": nearest(predicted, side),
                     }
                 )
         return {
@@ -217,7 +217,8 @@ class Segment:
             yield row + [f"{v:.6f}" for v in r["probs"][i]]
 
 
-def _nearest(mask: torch.Tensor, size) -> torch.Tensor:
+def nearest(mask: torch.Tensor, size) -> torch.Tensor:
+    """A mask (H, W) resized to `size` by nearest neighbour (class indices never blend), uint8."""
     return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")[0, 0].to(torch.uint8)
 
 
