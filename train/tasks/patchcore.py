@@ -175,6 +175,14 @@ class PatchCore:
     # ---- the pass over the training images ------------------------------------------------
 
     def on_train_epoch_start(self, module) -> None:
+        done = module.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done:  # a mid-epoch checkpoint: the patches of those batches are in no checkpoint
+            raise UserError(
+                f"task.method=patchcore builds its bank in one pass, and this run resumes {done} batches "
+                "into one, whose patches no checkpoint holds: resume from a checkpoint at the end of the "
+                "pass "
+                "(epoch000.ckpt, last.ckpt), or start afresh"
+            )
         self._buffer, self._ids, self._pending, self.peak_patches = [], [], True, 0
 
     @torch.no_grad()
