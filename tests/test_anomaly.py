@@ -313,6 +313,7 @@ def test_bad_anomaly_settings_get_one_message_and_exit_2(tmp_path, weights, tiny
         ((f"model.pretrained={misfit}", "task.method=patchcore"), "does not fit model.backbone=test_resnet"),
         (_patchcore(weights, 10), "smaller than one image's 64 patches"),
         (("task.method=patchcore",), "needs its weights: model.pretrained=PATH"),
+        ((*_patchcore(weights, 300), "trainer.max_epochs=3"), "builds its memory bank in one pass"),
     ]
     for overrides, message in cases:
         run = _cli(tmp_path, f"data.index={index}", "trainer.max_epochs=1", *overrides)

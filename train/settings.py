@@ -250,6 +250,14 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
         problems.append(
             ("data.image_size", f"{size}: task={name} needs a multiple of 32 (the encoder's stride)")
         )
+    if task.endswith("Anomaly") and method == "patchcore" and trainer.get("max_epochs") not in (1, None):
+        problems.append(
+            (
+                "trainer.max_epochs",
+                f"{trainer.get('max_epochs')}: task.method=patchcore builds its memory bank in one pass over "
+                "the good images; set trainer.max_epochs=1",
+            )
+        )
     if task.endswith("Anomaly") and method == "patchcore" and not (cfg.get("model") or {}).get("pretrained"):
         problems.append(
             (
