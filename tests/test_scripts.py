@@ -100,3 +100,18 @@ def test_bench_tasks_writes_the_task_ratios(tmp_path):
     figures = json.loads((tmp_path / "tasks.json").read_text())
     for key in ("loader_mask_over_class", "segment_over_classify", "multilabel_over_classify"):
         assert figures[key] > 0, key
+
+
+def test_bench_anomaly_writes_both_methods_figures(tmp_path):
+    run(
+        "bench_anomaly.py",
+        *("--images", "100", "--scale", "2", "--image-size", "32", "--classifier-epochs", "1"),
+        *("--json", str(tmp_path / "anomaly.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "anomaly.json").read_text())
+    for method in ("draem", "patchcore"):
+        f = figures[method]
+        assert f["1x"]["peak_rss_mb"] > 0 and f["2x"]["train_s"] > 0, f
+        assert f["onnx_parity_max_abs_diff"] <= 1e-4 and f["predict_ms_onnx"] > 0
+        assert 0 <= f["image_auroc"] <= 1
