@@ -149,18 +149,13 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> PlannedLoader:
         urls, plan = self._plan(split, train)
         transform = self.train_transform if train else self.eval_transform
+        reader = targets.reader(self.target, self.index.labels, train)
         if train:
             settle, length = self._settle, lambda: self._length(plan)
         else:
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
-            ShardStream(
-                urls,
-                plan,
-                transform,
-                targets.reader(self.target, self.index.labels, train),
-                self.missing_shards,
-            ),
+            ShardStream(urls, plan, transform, reader, self.missing_shards),
             settle,
             length,
             num_workers=self.num_workers,

@@ -49,6 +49,16 @@ def scale_of(spec: ModelSpec) -> float:
     return float(c["q"]) if c else 1.0
 
 
+def image_pixel_counts(raw_map, truth: np.ndarray, q: float) -> np.ndarray | None:
+    """train.metrics.pixel_counts of one image: its raw map (1, S, S) resized to the truth's
+    (H, W) and calibrated; None for a defect whose place is unknown (no pixel truth)."""
+    from train.metrics import pixel_counts
+
+    if (truth == UNKNOWN).any():
+        return None
+    return pixel_counts(calibrated(to_size(raw_map, truth.shape)[0].numpy(), q), truth)
+
+
 def learn_calibration(good_raw: np.ndarray, quantile: float) -> dict:
     """The calibration of raw scores from good images' raw scores (N,): q, their `quantile`."""
     q = float(np.quantile(np.asarray(good_raw, dtype=np.float64), quantile))
@@ -159,7 +169,6 @@ class Anomaly:
         """raw maps (B, 1, S, S); targets at each image's own size. Keeps per part the raw
         score and whether it is a defect, and the pixel histograms; the gallery shows the defects
         scored lowest and the good parts scored highest, with their maps."""
-        from train.metrics import pixel_counts
 
         q = scale_of(spec)
         raw = probs.flatten(1).amax(dim=1).cpu().double().numpy()
@@ -168,8 +177,8 @@ class Anomaly:
             t = targets[i].cpu().numpy()
             is_defect = bool((t > 0).any())
             truth.append(is_defect)
-            if not (t == UNKNOWN).any():
-                c = pixel_counts(calibrated(to_size(probs[i].cpu(), t.shape)[0].numpy(), q), t)
+            c = image_pixel_counts(probs[i].cpu(), t, q)
+            if c is not None:
                 counts = c if counts is None else counts + c
             s = float(calibrated(raw[i], q))
             side = tuple(probs.shape[-2:])

@@ -9,10 +9,8 @@ import torch
 import torchmetrics as tm
 from torch import nn
 
-from data.targets import UNKNOWN
 from train.network import ModelSpec
-from train.tasks.anomaly import calibrated, learn_calibration, scale_of
-from train.tasks.regions import to_size
+from train.tasks.anomaly import image_pixel_counts, learn_calibration, scale_of
 
 
 class AnomalyMetrics(nn.Module):
@@ -31,7 +29,6 @@ class AnomalyMetrics(nn.Module):
         self.confusion = None
 
     def update(self, maps: torch.Tensor, targets) -> None:
-        from train.metrics import pixel_counts
 
         q = scale_of(self.spec)
         raw = maps.flatten(1).amax(dim=1)
@@ -40,10 +37,9 @@ class AnomalyMetrics(nn.Module):
         self.truth.update(truth.float())
         for m, t in zip(maps.cpu(), targets):
             t = t.cpu().numpy()
-            if (t == UNKNOWN).any():
-                continue  # a defect with no mask: no pixel truth
-            values = calibrated(to_size(m, t.shape)[0].numpy(), q)
-            self.pixels.update(torch.from_numpy(pixel_counts(values, t)).to(raw.device))
+            counts = image_pixel_counts(m, t, q)
+            if counts is not None:  # None: a defect with no mask, no pixel truth
+                self.pixels.update(torch.from_numpy(counts).to(raw.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
         from train.decision import area, curves
