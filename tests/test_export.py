@@ -73,8 +73,14 @@ def test_bundle_predicts_like_the_checkpoint_with_its_threshold(onnx_bundle, mod
     images = [Image.open(io.BytesIO(b)) for b in val_images]
     ours, theirs = checkpoint.predict(images), bundle.predict(images)
     assert [r["label"] for r in theirs] == [r["label"] for r in ours]
-    assert [r["defect"] for r in theirs] == [r["defect"] for r in ours]
     assert max(abs(a["defect_score"] - b["defect_score"]) for a, b in zip(ours, theirs)) < 1e-5
+    # The threshold is one of these very images' scores: a part that sits on it is a tie that the
+    # last bit of float arithmetic decides, and may go either way; every other decision agrees.
+    threshold = checkpoint.spec.extra["decision"]["threshold"]
+    decided = [
+        (a["defect"], b["defect"]) for a, b in zip(ours, theirs) if abs(a["defect_score"] - threshold) > 1e-5
+    ]
+    assert len(decided) >= len(ours) - 1 and all(a == b for a, b in decided)
     info = json.loads((onnx_bundle / "preprocess.json").read_text())
     assert info["decision"] == checkpoint.spec.extra["decision"] and info["classes"] == list(
         checkpoint.spec.classes
