@@ -38,6 +38,18 @@ class Shard:
     num_samples: int
     num_bytes: int
     sha256: str
+    # Image sizes in sample order, run-length [[w, h, n], ...] (one run for a fixed camera): what
+    # planning every tile of every image needs (data/tiles.py). Empty: not recorded.
+    sizes: tuple = ()
+
+    def to_json(self) -> dict:
+        out = {
+            "url": self.url,
+            "num_samples": self.num_samples,
+            "num_bytes": self.num_bytes,
+            "sha256": self.sha256,
+        }
+        return out | ({"sizes": [list(r) for r in self.sizes]} if self.sizes else {})
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ class DatasetIndex:
                 name: {
                     "num_samples": split.num_samples,
                     "num_bytes": split.num_bytes,
-                    "shards": [vars(s) for s in split.shards],
+                    "shards": [s.to_json() for s in split.shards],
                 }
                 for name, split in self.splits.items()
             },
@@ -139,7 +151,7 @@ def load_index(path_or_dir: str) -> DatasetIndex:
         if doc.get("version") != VERSION:
             raise ValueError(f"version {doc.get('version')}, this shardtrain reads {VERSION}")
         splits = {
-            name: Split(tuple(Shard(**s) for s in split["shards"])) for name, split in doc["splits"].items()
+            name: Split(tuple(_shard(s) for s in split["shards"])) for name, split in doc["splits"].items()
         }
         classes = tuple(doc["classes"])
         label = Labels(classes, doc.get("label", "cls")).source
@@ -156,6 +168,11 @@ def load_index(path_or_dir: str) -> DatasetIndex:
     known = {"format", "version", "classes", "label", "splits", "num_samples"}
     extra = {k: v for k, v in doc.items() if k not in known}
     return DatasetIndex(classes, splits, url, hashlib.sha256(raw).hexdigest(), extra, label)
+
+
+def _shard(entry: dict) -> Shard:
+    sizes = tuple(tuple(int(v) for v in r) for r in entry.get("sizes", ()))
+    return Shard(**{**entry, "sizes": sizes})
 
 
 def save_index(index: DatasetIndex, url: str) -> str:

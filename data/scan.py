@@ -17,9 +17,11 @@ import re
 
 import fsspec
 
+from data.decode import open_image
 from data.errors import UserError
 from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, save_index
-from data.samples import BadSample, Labels, tar_samples
+from data.samples import BadSample, Labels, image_bytes, tar_samples
+from data.tiles import run_lengths
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
@@ -37,10 +39,11 @@ def scan_shard(url: str, labels: Labels) -> tuple[Shard, set[int | str]]:
     """The shard's index entry, and the labels it holds as stored (indices or class names)."""
     with fsspec.open(url, "rb") as f:
         raw = f.read()
-    count, found = 0, set()
+    count, found, sizes = 0, set(), []
     try:
         for sample in tar_samples(io.BytesIO(raw), url):
             count += 1
+            sizes.append(_size(sample))
             try:
                 found.add(labels.raw(sample))
             except BadSample as e:
@@ -52,7 +55,18 @@ def scan_shard(url: str, labels: Labels) -> tuple[Shard, set[int | str]]:
         raise
     except Exception as e:  # a broken tar cannot be indexed reliably
         raise UserError(f"{url}: not a readable tar ({str(e).split(' @ ')[0]})") from None
-    return Shard(os.path.basename(url), count, len(raw), hashlib.sha256(raw).hexdigest()), found
+    runs = () if None in sizes else tuple(map(tuple, run_lengths(sizes)))
+    return Shard(os.path.basename(url), count, len(raw), hashlib.sha256(raw).hexdigest(), runs), found
+
+
+def _size(sample: dict) -> tuple[int, int] | None:
+    """The image's (width, height) from its header; None if it has none readable (the loader
+    counts such a sample as bad; the index then records no sizes for the shard)."""
+    try:
+        with open_image(image_bytes(sample)) as im:
+            return im.size
+    except Exception:  # PIL raises many types for unreadable headers
+        return None
 
 
 def build_index(

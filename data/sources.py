@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -176,9 +176,38 @@ def render_synthetic(seed: int, index: int, size: int, multi: float = 0.0) -> Pa
     return Payload(buf.getvalue(), "jpg", drawn, encode_mask(remap[mask]))
 
 
-def from_synthetic(num_samples: int, seed: int, size: int, multi: float = 0.0) -> list[Item]:
-    """The embedded set; `multi`: the share of defective parts with defects of several kinds."""
+def render_large(seed: int, index: int, width: int, height: int) -> Payload:
+    import numpy as np
+
+    from data import synthetic_large as large
+
+    pixels, _, drawn, mask = large.render_large(seed, index, width, height)
+    order = good_first(large.CLASSES)
+    remap = np.array([order.index(c) for c in large.CLASSES], np.uint8)
+    return Payload(large.encode_jpeg(pixels), "jpg", drawn, encode_mask(remap[mask]))
+
+
+def from_synthetic(
+    num_samples: int, seed: int, size: int, multi: float = 0.0, large: Sequence[int] | None = None
+) -> list[Item]:
+    """The embedded set; `multi`: the share of defective parts with defects of several kinds;
+    `large` (width, height): whole large parts with small defects instead (data/synthetic_large.py)."""
     from data import synthetic
+
+    if large:
+        from data import synthetic_large
+
+        w, h = (int(v) for v in large)
+        return [
+            Item(
+                synthetic_large.CLASSES[synthetic_large.label_of(seed, i)],
+                partial(render_large, seed, i, w, h),
+                f"synthetic-large:{seed}/{i}",
+                meta={"source": f"synthetic-large:{seed}/{i}"},
+                mask=f"synthetic-large:{seed}/{i}",
+            )
+            for i in range(num_samples)
+        ]
 
     return [
         Item(

@@ -30,11 +30,12 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from data.decode import decode_fully
+from data.decode import decode_fully, open_image
 from data.errors import UserError
 from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, load_index, save_index
 from data.sources import Item, Payload
 from data.targets import good_first, split_labels
+from data.tiles import run_lengths
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +172,12 @@ def write_shards(
     count = size = 0
     number = 0
 
+    sizes: list[tuple[int, int]] = []  # the open shard's image sizes, in sample order
+
     def close() -> Shard:
         tar.close()
         f.close()
-        return Shard(name, count, w.n, w.sha.hexdigest())
+        return Shard(name, count, w.n, w.sha.hexdigest(), tuple(map(tuple, run_lengths(sizes))))
 
     for key, payload, label, meta in samples:
         entries = [(f"{key}.{payload.ext}", payload.data), (f"{key}.cls", str(label).encode())]
@@ -192,7 +195,9 @@ def write_shards(
             f = open(os.path.join(out_dir, name), "wb")  # noqa: SIM115 (closed by close())
             w = _HashingWriter(f)
             tar = tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-            count, size = 0, TAR_TRAILER
+            count, size, sizes = 0, TAR_TRAILER, []
+        with open_image(payload.data) as im:  # header only
+            sizes.append(im.size)
         for entry_name, data in entries:
             _add(tar, entry_name, data)
         count += 1
@@ -308,13 +313,19 @@ def write_dataset(
     return WriteReport(index, total, skipped, examples, time.perf_counter() - start)
 
 
-def synthetic_index(num_samples: int, seed: int, image_size: int, cache_dir: str, multi: float = 0.0) -> str:
+def synthetic_index(
+    num_samples: int, seed: int, image_size: int, cache_dir: str, multi: float = 0.0, large=None
+) -> str:
     """Where the embedded set with these parameters lives under `cache_dir` (v2: with masks)."""
     name = f"inspection-v2-n{num_samples}-s{seed}-{image_size}px" + (f"-multi{multi:g}" if multi else "")
+    if large:  # whole large parts (data/synthetic_large.py); image_size does not apply
+        name = f"inspection-large-v1-n{num_samples}-s{seed}-{large[0]}x{large[1]}"
     return os.path.join(os.path.expanduser(cache_dir), name, INDEX_NAME)
 
 
-def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int, multi: float = 0.0) -> str:
+def ensure_synthetic(
+    index: str, num_samples: int, seed: int, image_size: int, multi: float = 0.0, large=None
+) -> str:
     """Write the embedded inspection set to `index`'s directory unless it is already there.
 
     Safe to call from every rank at once: a lock file lets one process write while the others
@@ -332,17 +343,18 @@ def ensure_synthetic(index: str, num_samples: int, seed: int, image_size: int, m
             return index
         log.info("writing the embedded inspection set (%d images) to %s", num_samples, out_dir)
         report = write_dataset(
-            from_synthetic(num_samples, seed, image_size, multi),
+            from_synthetic(num_samples, seed, image_size, multi, large),
             out_dir,
             val_fraction=0.2,
             seed=seed,
-            shard_samples=500,
+            shard_samples=50 if large else 500,  # large parts: ~1-2 MB each
             extra={
                 "synthetic": {
                     "num_samples": num_samples,
                     "seed": seed,
                     "image_size": image_size,
                     "multi": multi,
+                    **({"large": list(large)} if large else {}),
                 }
             },
         )
