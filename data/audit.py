@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import TextIO
 
+from data.errors import UserError
+
 
 class Audit:
     def __init__(self, directory: str, rank: int):
@@ -68,6 +70,25 @@ class Audit:
         if self._file:
             self._file.close()
         self._file, self._epoch = None, -1
+
+
+def continue_audit(audit_dir: str, rank: int, world: int, state: dict) -> None:
+    """Continue the audit of the run that saved the data position `state`, on this rank."""
+    if not state.get("audit_dir"):
+        raise UserError(
+            "data.audit=true, but the run being resumed kept no audit, so it could not list "
+            "the samples already trained: resume without data.audit, or start fresh"
+        )
+    # Each rank continues its own file; rank 0 also carries over the files of ranks that
+    # this (smaller) world no longer has, so the audit still lists everything trained.
+    ranks = [rank] if rank < state["world_size"] else []
+    if rank == 0:
+        ranks += range(world, state["world_size"])
+    try:
+        for r in ranks:
+            Audit(audit_dir, r).restore(state["audit_dir"], state["global_step"])
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot continue the audit of {state['audit_dir']}: {e}") from None
 
 
 def _count_lines(path: str) -> int:

@@ -11,12 +11,14 @@ from typing import Literal
 import lightning.pytorch as L
 
 from data import targets
-from data.audit import Audit
+from data.audit import Audit, continue_audit
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
 from data.loader import PlannedLoader
 from data.plan import EpochPlan, Part
 from data.stream import ShardStream
+from data.tile_stream import TileCutter, TileTransform
+from data.tiles import Slots, tiling_from
 from data.transforms import EvalTransform, TrainTransform
 from data.write import ensure_synthetic, synthetic_index
 
@@ -63,6 +65,9 @@ class ShardDataModule(L.LightningDataModule):
         target: Literal["class", "labels", "mask", "anomaly"] = "class",
         eval_fit: Literal["crop", "stretch"] = "crop",
         augment: bool = True,
+        tiles: dict | None = None,
+        vflip: float = 0.0,
+        val_batch_size: int | None = None,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -75,6 +80,13 @@ class ShardDataModule(L.LightningDataModule):
             if augment
             else self.eval_transform
         )
+        self.tiling = tiling_from(tiles)
+        if self.tiling:  # train on tiles; validate on whole parts, which the model tiles itself
+            self.eval_transform = EvalTransform(image_size, crop_pct, "none")
+            flips = (hflip, vflip) if augment else (0.0, 0.0)
+            self.train_transform = TileTransform(image_size, *flips)
+        # Whole parts of 5-50 MP are 15-150 MB each once decoded: validated a few at a time.
+        self.val_batch_size = val_batch_size or (1 if self.tiling else batch_size)
         self.target = target  # what the task learns: set by the task (train/tasks), not by config
         self.synthetic = dict(synthetic) if index is None and synthetic else None
         self._index_url = None if index is None else str(index)
@@ -89,9 +101,8 @@ class ShardDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.synthetic:
             s = self.synthetic
-            ensure_synthetic(
-                self.index_url, s["num_samples"], s["seed"], s["image_size"], s.get("multi", 0.0)
-            )
+            n, seed, size = s["num_samples"], s["seed"], s["image_size"]
+            ensure_synthetic(self.index_url, n, seed, size, s.get("multi", 0.0), s.get("large"))
 
     @property
     def index_url(self) -> str:
@@ -108,28 +119,24 @@ class ShardDataModule(L.LightningDataModule):
     def index(self) -> DatasetIndex:
         self.prepare_data()
         index = load_index(self.index_url)
-        if self.target == "mask" and "created_by" in index.extra and not index.extra.get("masks"):
-            raise UserError(
-                f"task=segment needs masks, and the data set {index.location} was written without any: "
-                "write it with a mask column (python -m data write --from-manifest, or the MVTec AD layout)"
-            )
-        if self.target == "anomaly" and targets.find_good(index.classes) is None:
-            raise UserError(
-                f"task=anomaly learns what good parts look like, and the data set {index.location} has no "
-                f"good class among {list(index.classes)} (one named good, ok or pass): name it so"
-            )
+        targets.check_index(index, self.target)
         return index
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.index.classes
 
-    def _plan(self, split: str, train: bool) -> tuple[list[str], EpochPlan]:
+    def _plan(self, split: str, train: bool) -> tuple[list[str], EpochPlan, Slots | None]:
         shards = self.index.split(split).shards
         trainer = self.trainer
+        sizes = tuple(s.num_samples for s in shards)
+        slots = None
+        if train and self.tiling:  # the plan's samples are tiles
+            slots = Slots(self.tiling, sizes, [s.sizes for s in shards])
+            sizes = slots.per_shard
         plan = EpochPlan(
-            shard_sizes=tuple(s.num_samples for s in shards),
-            batch_size=self.batch_size,
+            shard_sizes=sizes,
+            batch_size=self.batch_size if train else self.val_batch_size,
             seed=self.seed,
             world_size=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
@@ -144,18 +151,23 @@ class ShardDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} × {plan.world_size} ranks is more than the "
                 f"{n} samples of split {split!r}: lower data.batch_size"
             )
-        return [self.index.shard_url(s) for s in shards], plan
+        return [self.index.shard_url(s) for s in shards], plan, slots
 
     def _loader(self, split: str, train: bool) -> PlannedLoader:
-        urls, plan = self._plan(split, train)
+        urls, plan, slots = self._plan(split, train)
         transform = self.train_transform if train else self.eval_transform
         reader = targets.reader(self.target, self.index.labels, train)
+        cut = (
+            TileCutter(self.tiling, transform, reader, self.target, self.classes, self.seed)
+            if slots
+            else None
+        )
         if train:
             settle, length = self._settle, lambda: self._length(plan)
         else:
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
-            ShardStream(urls, plan, transform, reader, self.missing_shards),
+            ShardStream(urls, plan, transform, reader, self.missing_shards, (slots, cut) if slots else None),
             settle,
             length,
             num_workers=self.num_workers,
@@ -215,8 +227,8 @@ class ShardDataModule(L.LightningDataModule):
         )
         if part.batches >= len(trained) or not (part.batches or plan.before):
             return replace(plan, before=()), 0, 0  # at an epoch's end or start: nothing to continue
-        for key, now in (("seed", self.seed), ("index_sha256", self.index.sha256)):
-            if saved[key] != now:
+        for key, now in (("seed", self.seed), ("index_sha256", self.index.sha256), ("tiles", self._tiles())):
+            if saved.get(key) != now:
                 # Both reorder the epoch itself, so the samples already trained cannot be told.
                 raise UserError(
                     f"cannot resume mid-epoch with a changed {key} ({saved[key]} -> {now}): resume "
@@ -272,28 +284,16 @@ class ShardDataModule(L.LightningDataModule):
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "index_sha256": self.index.sha256,
+            "tiles": self._tiles(),
         }
+
+    def _tiles(self) -> dict | None:
+        return self.tiling.to_dict() if self.tiling else None
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._resume = dict(state)
             if self.audit:
-                self._restore_audit(state)
-
-    def _restore_audit(self, state: dict) -> None:
-        if not state.get("audit_dir"):
-            raise UserError(
-                "data.audit=true, but the run being resumed kept no audit, so it could not list "
-                "the samples already trained: resume without data.audit, or start fresh"
-            )
-        rank, world = self.audit.rank, self.trainer.world_size if self.trainer else 1
-        # Each rank continues its own file; rank 0 also carries over the files of ranks that
-        # this (smaller) world no longer has, so the audit still lists everything trained.
-        ranks = [rank] if rank < state["world_size"] else []
-        if rank == 0:
-            ranks += range(world, state["world_size"])
-        try:
-            for r in ranks:
-                Audit(self.audit_dir, r).restore(state["audit_dir"], state["global_step"])
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot continue the audit of {state['audit_dir']}: {e}") from None
+                continue_audit(
+                    self.audit_dir, self.audit.rank, self.trainer.world_size if self.trainer else 1, state
+                )

@@ -30,6 +30,8 @@ from data import samples as shard_samples
 from data.errors import UserError
 from data.plan import EpochPlan, Sample
 from data.samples import BadSample, is_left_out
+from data.tile_stream import TileCutter, image_order, tile_items
+from data.tiles import Slots
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,14 @@ def _split(items: list[tuple], parts: int, bad: BadSamples) -> Iterator[tuple]:
         chunk = items[start : start + base + (p < extra)]
         start += len(chunk)
         images, targets, keys = zip(*chunk)
-        yield _stack(images), _targets(targets), list(keys), bad.take()
+        yield _images(images), _targets(targets), list(keys), bad.take()
+
+
+def _images(images: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Stacked (b, 3, H, W); whole parts of several sizes (tiled evaluation) → a list."""
+    if all(im.shape == images[0].shape for im in images):
+        return _stack(images)
+    return list(images)
 
 
 def _targets(targets: Sequence) -> torch.Tensor | list[torch.Tensor]:
@@ -236,9 +245,10 @@ class ShardStream(IterableDataset):
         transform: Callable,
         targets: Callable,  # sample → the task's target (data/targets.py)
         missing: str = "fail",  # a shard listed but not found: "fail", or "skip" its samples
+        tiles: tuple[Slots, TileCutter] | None = None,  # plan slots are tiles (data/tiles.py)
     ):
         self.urls, self.plan, self.transform, self.targets = list(urls), plan, transform, targets
-        self.missing = missing
+        self.missing, self.tiles = missing, tiles
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, consumed batches)
 
     def __len__(self) -> int:
@@ -259,5 +269,11 @@ class ShardStream(IterableDataset):
             torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         bad = BadSamples()
         samples = replace(self.plan, epoch=epoch).worker_samples(worker, consumed)
-        read = read_planned(samples, self.urls, bad, self.missing)
-        yield from batched(decode_samples(read, self.transform, self.targets, bad), self.plan.batch_size, bad)
+        if self.tiles:  # slots are tiles: each image read once, all its tiles cut at once
+            slots, cut = self.tiles
+            read = read_planned(image_order(samples, slots), self.urls, bad, self.missing)
+            items = tile_items(samples, slots, read, cut, epoch, bad)
+        else:
+            read = read_planned(samples, self.urls, bad, self.missing)
+            items = decode_samples(read, self.transform, self.targets, bad)
+        yield from batched(items, self.plan.batch_size, bad)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.errors import UserError
 from data.samples import LEFT_OUT, BadSample, Labels, image_bytes
 
 GOOD_NAMES = ("good", "ok", "pass")  # MVTec AD's name, our embedded set's, and a line's
@@ -173,6 +174,20 @@ def reader(kind: str, labels: Labels, train: bool = False):
     if kind == "anomaly":
         return AnomalyMap(labels, train)
     raise ValueError(f"target {kind!r}: expected class, labels, mask or anomaly")
+
+
+def check_index(index, target: str) -> None:
+    """Refuse a data set that cannot give `target`: masks for segment, a good class for anomaly."""
+    if target == "mask" and "created_by" in index.extra and not index.extra.get("masks"):
+        raise UserError(
+            f"task=segment needs masks, and the data set {index.location} was written without any: "
+            "write it with a mask column (python -m data write --from-manifest, or the MVTec AD layout)"
+        )
+    if target == "anomaly" and find_good(index.classes) is None:
+        raise UserError(
+            f"task=anomaly learns what good parts look like, and the data set {index.location} has no "
+            f"good class among {list(index.classes)} (one named good, ok or pass): name it so"
+        )
 
 
 def encode_mask(mask: np.ndarray) -> bytes:

@@ -76,7 +76,8 @@ class TrainTransform:
 class EvalTransform:
     size: int  # output side, pixels
     crop_pct: float = 0.875  # centre crop as a fraction of the resized short side
-    fit: str = "crop"  # "crop": short side, then centre crop; "stretch": whole image to size x size
+    fit: str = "crop"  # "crop": short side, then centre crop; "stretch": whole image to size x size;
+    # "none": the image at its own size (a whole part, tiled by the model: data/tiles.py)
 
     @property
     def resize(self) -> int:
@@ -93,6 +94,8 @@ class EvalTransform:
         """How many times larger than the output the decoded image needs to be, at most."""
         if self.fit == "stretch":
             return min(size[0] / self.size, size[1] / self.size)
+        if self.fit == "none":
+            return 1.0
         return min(size) / self.resize
 
     def apply(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -100,6 +103,8 @@ class EvalTransform:
         if isinstance(image, Image.Image):
             image = decode_rgb(image, self._spare(image.size))
             image = F.pil_to_tensor(image)
+        if self.fit == "none":
+            return image
         if self.fit == "stretch":
             return F.resize(image, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True)
         out = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)

@@ -40,7 +40,9 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
     the model exactly as training evaluated."""
     resize = int(spec.image_size / spec.crop_pct)  # math.floor, as data.transforms.EvalTransform
     task = tasks.of(spec)
-    if task.eval_fit == "stretch":
+    if spec.tiles:
+        geometry = [tile_op(spec)]
+    elif task.eval_fit == "stretch":
         geometry = [
             {
                 "op": "resize",
@@ -90,6 +92,7 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
         ],
         "image_size": spec.image_size,
         "crop_pct": spec.crop_pct,
+        **({"tiles": spec.tiles} if spec.tiles else {}),
         "normalize": {
             "mean": list(spec.mean),
             "std": list(spec.std),
@@ -103,6 +106,23 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
         **({"calibration": spec.extra["calibration"]} if "calibration" in spec.extra else {}),
         "decision_rule": RULES[task.name],
         "source": source,
+    }
+
+
+def tile_op(spec: ModelSpec) -> dict:
+    """How a model trained on tiles sees a whole image (train/tiled.py), for a reader without us."""
+    t, o = spec.tiles["size"], spec.tiles["overlap"]
+    return {
+        "op": "tile",
+        "size": [t, t],
+        "overlap": o,
+        "grid": f"per axis of length L: starts k * {t - o} for k = 0 .. ceil((L - {o}) / {t - o}) - 1, each "
+        f"clamped to L - {t} (the last tile flush with the far edge); L <= {t}: one tile at 0, zero-padded",
+        "then": f"each tile resized (bilinear, antialiased) to {spec.image_size} x {spec.image_size}"
+        if t != spec.image_size
+        else "each tile is the model's input",
+        "stitch": "per-pixel outputs resized back to the tile (bilinear), overlaps averaged; per-image "
+        "outputs: the part takes its strongest tile (the one least likely good)",
     }
 
 
@@ -171,6 +191,7 @@ def spec_of(info: dict) -> ModelSpec:
         task["name"],
         task.get("good"),
         task.get("options") or {},
+        info.get("tiles") or {},
     )
 
 

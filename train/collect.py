@@ -8,9 +8,13 @@ from collections import Counter
 
 import lightning.pytorch as L
 import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from data.distributed import all_gather_objects
 from train.network import Network
+from train.tiled import part_probs
 
 SUMMED = ("counts", "pixel_counts")  # per-batch arrays that add up (pixel confusion, histograms)
 
@@ -34,12 +38,19 @@ class Predictions(L.LightningModule):
         images, targets, keys = batch[0], batch[1], batch[2]  # uint8 (B, 3, S, S), the task's, B keys
         if len(batch) > 3:
             self.bad.update(batch[3]["reasons"])
-        part = self.task.collect(self.net.probabilities(images), targets, self.net.spec, self.defects)
+        if not self.net.spec.tiles:
+            self._collect(self.net.probabilities(images), targets, keys, images)
+            return
+        for k, image in enumerate(images):  # whole parts, tiled and stitched: (3, H, W) each
+            target = targets[k : k + 1] if isinstance(targets, torch.Tensor) else [targets[k]]
+            self._collect(part_probs(self.net, image)[None], target, keys[k : k + 1], image[None])
+
+    def _collect(self, probs: torch.Tensor, targets, keys: list[str], images: torch.Tensor) -> None:
+        part = self.task.collect(probs, targets, self.net.spec, self.defects)
         for item in part.pop("gallery"):
             # the batch lives in reused shared memory: keep a copy of the pixels
-            self.worst.append(
-                {**item, "key": keys[item["index"]], "image": images[item["index"]].cpu().clone()}
-            )
+            item = {**item, "key": keys[item["index"]], "image": images[item["index"]].cpu().clone()}
+            self.worst.append(shrunk(item) if self.net.spec.tiles else item)
         self.worst = worst(self.worst, self.gallery)
         self.keys += keys
         self.parts.append(part)
@@ -62,6 +73,24 @@ class Predictions(L.LightningModule):
         out["gallery"] = worst([m for p in parts for m in p["worst"]], self.gallery)
         out["bad"] = sum((p["bad"] for p in parts), Counter())
         return out
+
+
+def shrunk(item: dict, side: int = 768) -> dict:
+    """A gallery entry of a whole large part at most `side` px on its long side: 32 parts of
+    20 MP kept at full size would hold 2 GB until the report is drawn."""
+    h, w = item["image"].shape[-2:]
+    if max(h, w) <= side:
+        return item
+    size = [round(h * side / max(h, w)), round(w * side / max(h, w))]
+    out = dict(item)
+    out["image"] = TF.resize(item["image"], size, InterpolationMode.BILINEAR, antialias=True)
+    for name in ("mask", "predicted_mask"):
+        if name in item:
+            out[name] = TF.resize(torch.as_tensor(item[name])[None], size, InterpolationMode.NEAREST)[0]
+    if "heat" in item:
+        heat = torch.as_tensor(item["heat"])[None]
+        out["heat"] = TF.resize(heat, size, InterpolationMode.BILINEAR, antialias=True)[0].numpy()
+    return out
 
 
 def worst(items: list[dict], n: int) -> list[dict]:

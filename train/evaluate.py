@@ -70,6 +70,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
         audit=False,
         target=task.target,
         eval_fit=task.eval_fit,
+        tiles=spec.tiles or None,  # a model trained on tiles judges whole parts, tiled as it was trained
     )
     if datamodule.classes != spec.classes:
         raise UserError(
@@ -118,6 +119,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
 
     if scores is None and "defect_scores" in r:
         scores = r["defect_scores"]
+    if decision and "in_truth" in r:  # segment, anomaly: does the stopped part's region meet the defect?
+        report["localisation"] = localisation(r["is_defect"], scores, r["in_truth"], decision.threshold)
     if decision:  # what model.ckpt carries, and what predictions.csv's decisions follow
         spec = replace(spec, extra={**spec.extra, "decision": decision.to_dict()})
     with published(out) as tmp:
@@ -151,6 +154,23 @@ def evaluate(cfg: DictConfig) -> dict | None:
             f"the report is written to {out}, but logging it to the tracker failed: {tracker_error}"
         )
     return report
+
+
+def localisation(is_defect: np.ndarray, scores: np.ndarray, in_truth: np.ndarray, threshold: float) -> dict:
+    """Of the defective parts caught (score >= threshold) whose defect has a known place, how many
+    the model stops for the right place: its predicted defect region (the pixels whose defect
+    score reaches the threshold) overlaps the true one, i.e. the strongest score inside the true
+    region (`in_truth`, NaN where unknown) reaches the threshold."""
+    known = is_defect & ~np.isnan(in_truth)
+    caught = known & (scores >= threshold)
+    localised = caught & (np.nan_to_num(in_truth, nan=-1.0) >= threshold)
+    return {
+        "caught": int(caught.sum()),
+        "localised": int(localised.sum()),
+        "localised_share": float(localised.sum() / caught.sum()) if caught.any() else None,
+        "rule": "a caught part is localised when its predicted defect region (score >= the threshold) "
+        "overlaps its true defect region",
+    }
 
 
 def _check_counts(keys: list[str], bad: int, expected: int, cfg: DictConfig) -> None:

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from data.errors import UserError
+from data.tiles import tiling_from
 from train import bundle, settings, tasks
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint
 from train.cli import CONFIG_PATH, run_cli
@@ -32,6 +35,7 @@ from train.convert import check_installed, convert, converter_version
 from train.decision import threshold_of
 from train.network import Network
 from train.outputs import check_out, published
+from train.tiled import cut, of_part, tiled
 
 log = logging.getLogger("train")
 # Largest difference in any class probability, export against checkpoint. fp16 carries 11
@@ -66,9 +70,12 @@ def parity_images(
     for shard in index.split(split).shards:
         for sample in read_shard(index.shard_url(shard)):
             try:
-                images.append(transform(image_bytes(sample)))
+                image = transform(image_bytes(sample))
             except (BadSample, OSError, ValueError):
                 continue  # parity needs images the model can see; bad ones are `data verify`'s
+            if images and image.shape != images[0].shape:
+                continue  # whole parts (fit "none") of another size than the first: not stackable
+            images.append(image)
             if len(images) == n:
                 return torch.stack(images)
     if len(images) < 2:  # one image would leave a batch over 1 unchecked
@@ -77,6 +84,8 @@ def parity_images(
         )
     return torch.stack(images)
 
+
+WHOLE_PARTS = 4  # parity images of a model trained on tiles: whole parts, hundreds of tiles each
 
 # Share of decisions (a part's class, a label, a pixel's class) the export must reproduce at
 # fp32: every one, but for segmentation 99.9% of pixels (an argmax on a border pixel between two
@@ -150,11 +159,29 @@ def export(cfg: DictConfig) -> dict:
         )
     index = cfg.data.index or meta["lineage"]["dataset"]["index"]
     task = tasks.of(spec)
-    images = parity_images(
-        index, cfg.parity.split, cfg.parity.samples, spec.image_size, spec.crop_pct, task.eval_fit
-    )
+    tiling = tiling_from(spec.tiles)
+    if tiling:  # whole parts, each hundreds of tiles: a few make the check
+        images = parity_images(index, cfg.parity.split, min(cfg.parity.samples, WHOLE_PARTS), 0, 1.0, "none")
+        h, w = images[0].shape[-2:]
+        example = cut(images[0], tiling.grid(w, h)[:2], tiling.size)  # two tiles trace the graph
+        example = TF.resize(example, [spec.image_size] * 2, InterpolationMode.BILINEAR, antialias=True)
+    else:
+        images = parity_images(
+            index, cfg.parity.split, cfg.parity.samples, spec.image_size, spec.crop_pct, task.eval_fit
+        )
+        example = images[:2]
+
+    def scored(run, batch: int) -> np.ndarray:
+        """(n, C) or (n, C, S, S); tiled: each whole part's (C,) or stitched (C, H, W), tiles in
+        batches of `batch`."""
+        if tiling:
+            parts = [of_part(tiled(run, im, tiling, spec.image_size, batch), spec) for im in images]
+            return torch.stack(parts).numpy()
+        return np.concatenate([np.asarray(run(images[i : i + batch])) for i in range(0, len(images), batch)])
+
     with torch.inference_mode():
-        reference = Probabilities(net)(images).numpy()  # (n, C): the checkpoint in fp32, eager
+        # the checkpoint in fp32, eager
+        reference = scored(Probabilities(net), 32 if tiling else len(images))
     # anomaly: compared as the calibrated maps and scores predict returns, [0, 1] like probabilities
     view = task.parity_view(spec) if hasattr(task, "parity_view") else (lambda x: x)
     model = Probabilities(copy.deepcopy(net).half() if precision == "fp16" else net).eval()
@@ -162,7 +189,7 @@ def export(cfg: DictConfig) -> dict:
 
     with published(out) as tmp:
         try:
-            checks = convert(model, fmt, os.path.join(tmp, bundle.FILES[fmt]), images[:2])
+            checks = convert(model, fmt, os.path.join(tmp, bundle.FILES[fmt]), example)
         except UserError:
             raise
         except Exception as e:  # a converter's own failure, typically after a torch upgrade
@@ -197,7 +224,7 @@ def export(cfg: DictConfig) -> dict:
             exported = bundle.load_bundle(tmp)  # the loader users call, on the files just written
             chunk = min(len(images), 16)
             for batch in (1, chunk) if fmt != "coreml" else (1,):
-                got = np.concatenate([exported(images[i : i + batch]) for i in range(0, len(images), batch)])
+                got = scored(exported, batch)
                 report["batches"][str(batch)] = check_parity(
                     view(reference), view(got), tolerance, precision, task.name, threshold_of(spec)
                 )

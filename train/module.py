@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from train.network import Network
+from train.tiled import part_probs
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
@@ -93,11 +94,25 @@ class TaskModule(L.LightningModule):
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
         images, targets = batch[0], batch[1]
+        if self.net.spec.tiles:  # whole parts, tiled as in training and stitched: judged per part
+            for image, target in zip(images, targets):
+                self._validate(part_probs(self.net, image)[None].to(self.device), target[None])
+            return
         if getattr(self.task, "scores_maps", False):  # anomaly: scored, not a loss on real defects
             self.val_metrics.update(self.net.probabilities(images), targets)
             return
         logits = self(images)
         self.log("val/loss", self.loss(logits, targets), batch_size=len(images), sync_dist=True)
+        self.val_metrics.update(logits, targets)
+
+    def _validate(self, probs: torch.Tensor, targets) -> None:
+        """One whole part's stitched probabilities (1, C, H, W) or strongest tile's (1, C)."""
+        if getattr(self.task, "scores_maps", False):
+            self.val_metrics.update(probs, targets)
+            return
+        # log-probabilities stand in for logits: the loss's and metrics' softmax gives them back
+        logits = probs.clamp_min(1e-12).log() if self.net.spec.task != "multilabel" else probs.logit(1e-6)
+        self.log("val/loss", self.loss(logits, targets), batch_size=1, sync_dist=True)
         self.val_metrics.update(logits, targets)
 
     def on_validation_epoch_end(self) -> None:

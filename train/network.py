@@ -32,6 +32,7 @@ class ModelSpec:
     task: str = "classify"  # train/tasks: classify, multilabel, segment
     good: str | None = None  # the class of parts that pass (None: the data set has none)
     options: dict = field(default_factory=dict)  # the task's own options, e.g. segment's min_area
+    tiles: dict = field(default_factory=dict)  # trained on tiles: {"size", "overlap"} px; {}: whole images
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -33,6 +33,8 @@ def predict(images, spec, probs: ProbsFn, batch_size: int = 32) -> list[dict] | 
     task = tasks.of(spec)
     transform = EvalTransform(spec.image_size, spec.crop_pct, task.eval_fit)
     defects, threshold = defect_indices(spec), threshold_of(spec)
+    if spec.tiles:  # trained on tiles: each whole image is tiled with the training grid, stitched
+        return _tiled(images, spec, probs, task, batch_size, single)
     results = []
     for i in range(0, len(images), batch_size):
         opened = [as_image(x) for x in images[i : i + batch_size]]
@@ -40,6 +42,25 @@ def predict(images, spec, probs: ProbsFn, batch_size: int = 32) -> list[dict] | 
         p = np.asarray(probs(batch), dtype=np.float32)  # (B, C) or (B, C, S, S)
         for row, image in zip(p, opened):
             results.append(task.result(row, spec, image_size(image), defects, threshold))
+    return results[0] if single else results
+
+
+def _tiled(images: list, spec, probs: ProbsFn, task, batch_size: int, single: bool) -> list[dict] | dict:
+    """One whole image at a time (a 50 MP part is 150 MB decoded), its tiles `batch_size` at a
+    time; segment and anomaly maps come back at the image's own size, stitched."""
+    from data.tiles import tiling_from
+    from data.transforms import EvalTransform
+    from train.tiled import of_part, tiled
+
+    whole = EvalTransform(spec.image_size, spec.crop_pct, "none")
+    tiling = tiling_from(spec.tiles)
+    defects, threshold = defect_indices(spec), threshold_of(spec)
+    results = []
+    for x in images:
+        image = as_image(x)
+        pixels = image if isinstance(image, torch.Tensor) else whole.apply(image)  # uint8 (3, H, W)
+        p = of_part(tiled(probs, pixels, tiling, spec.image_size, batch_size), spec)
+        results.append(task.result(p.numpy(), spec, image_size(image), defects, threshold))
     return results[0] if single else results
 
 

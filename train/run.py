@@ -42,6 +42,7 @@ def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
         task=task.name,
         good=find_good(classes),
         options=task.options(),
+        tiles=datamodule.tiling.geometry() if datamodule.tiling else {},
     )
     module = TaskModule(
         Network(backbone, spec),

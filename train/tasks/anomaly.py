@@ -172,11 +172,16 @@ class Anomaly:
 
         q = scale_of(spec)
         raw = probs.flatten(1).amax(dim=1).cpu().double().numpy()
-        truth, counts, gallery = [], None, []
+        truth, counts, gallery, in_truth = [], None, [], []
         for i in range(len(probs)):
             t = targets[i].cpu().numpy()
             is_defect = bool((t > 0).any())
             truth.append(is_defect)
+            place = t == 1  # defect pixels of a known place (UNKNOWN marks a defect without a mask)
+            if place.any():  # the strongest raw value inside the true defect, at the target's size
+                in_truth.append(float(to_size(probs[i].cpu(), t.shape)[0].numpy()[place].max()))
+            else:
+                in_truth.append(np.nan)
             c = image_pixel_counts(probs[i].cpu(), t, q)
             if c is not None:
                 counts = c if counts is None else counts + c
@@ -195,7 +200,13 @@ class Anomaly:
             from train.metrics import BINS
 
             counts = np.zeros((4, BINS))
-        return {"raw_scores": raw, "is_defect": np.array(truth), "pixel_counts": counts, "gallery": gallery}
+        return {
+            "raw_scores": raw,
+            "is_defect": np.array(truth),
+            "in_truth_raw": np.array(in_truth, dtype=np.float64),
+            "pixel_counts": counts,
+            "gallery": gallery,
+        }
 
     def calibrate(self, r: dict, spec: ModelSpec) -> tuple[ModelSpec, dict]:
         """The spec with its calibration (the model's own, else learned on this split's good
@@ -216,6 +227,7 @@ class Anomaly:
                 "learned_on": "nothing: no calibration and no good images; defect_score = raw / (raw + 1)",
             }
         r["defect_scores"] = calibrated(r["raw_scores"], scale_of(spec))
+        r["in_truth"] = calibrated(r["in_truth_raw"], scale_of(spec))
         return spec, section
 
     def report(self, r: dict, spec: ModelSpec) -> dict:

@@ -169,7 +169,7 @@ class Segment:
         scores, defect score, whether the truth has defect pixels, and the pixel counts."""
         c = probs.shape[1]
         counts = np.zeros((c, c), np.int64)
-        rows, scores, truth, gallery = [], [], [], []
+        rows, scores, truth, gallery, in_truth = [], [], [], [], []
         for i in range(len(probs)):
             m = masks[i].cpu()
             p = to_size(probs[i].cpu(), tuple(m.shape))
@@ -180,6 +180,8 @@ class Segment:
             scores.append(score)
             true_d, pred_d = np.isin(m.numpy(), defects), np.isin(predicted.numpy(), defects)
             truth.append(true_d.any())
+            # the strongest defect probability inside the true defect: localised at a threshold below it
+            in_truth.append(float(p[defects].sum(dim=0).numpy()[true_d].max()) if true_d.any() else np.nan)
             union = (true_d | pred_d).sum()
             if union:  # the gallery: the parts whose defect pixels were judged worst
                 side = probs.shape[-2:]  # drawn at the model's input size, as the image is
@@ -198,6 +200,7 @@ class Segment:
             "probs": np.array(rows).reshape(len(probs), c),
             "defect_scores": np.array(scores),
             "is_defect": np.array(truth),
+            "in_truth": np.array(in_truth, dtype=np.float64),
             "counts": counts,
             "gallery": gallery,
         }

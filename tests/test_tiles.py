@@ -1,0 +1,285 @@
+"""Tiles of large images: the grid, stitching, the plan's slots, and training, evaluation,
+predict and export on whole parts through the real entry points."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import signal
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import region
+from data.errors import UserError
+from data.plan import EpochPlan, consumed_per_worker
+from data.sources import from_synthetic
+from data.tile_stream import read_boxes
+from data.tiles import Slots, Tiling, draw, expand_sizes, run_lengths, tiling_from
+from data.write import write_dataset
+from tests.test_resume import audit, train_cli
+from train import load_model
+from train.cli import compose as compose_config
+from train.tiled import cut, stitch, strongest, tiled
+
+
+@pytest.fixture(scope="module")
+def parts_index(tmp_path_factory) -> str:
+    """20 large parts of 320 x 240 (small defects, masks) in shards of 6."""
+    out = tmp_path_factory.mktemp("parts")
+    report = write_dataset(
+        from_synthetic(20, seed=2, size=0, large=(320, 240)),
+        str(out),
+        val_fraction=0.2,
+        shard_samples=6,
+        workers=1,
+    )
+    return report.index.location
+
+
+TILES = "+data.tiles={size: 64, overlap: 8, per_image: 4, defect_bias: 0.5}"
+
+
+# ---- the grid and stitching ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [16, 63, 64, 65, 120, 121, 500])
+def test_grid_covers_every_pixel_and_ends_flush_with_the_edge(length):
+    t = Tiling(64, 8)
+    starts = t.starts(length)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    if length > 64:
+        assert starts[-1] == length - 64  # the last tile inside the image, flush with its end
+        assert all(b - a <= 56 for a, b in itertools.pairwise(starts))  # neighbours share >= overlap
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s : s + 64] = True
+    assert covered.all()
+    assert t.count(length, 10) == len(starts)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size", "overlap"), [(240, 320, 64, 8), (97, 131, 32, 31), (20, 30, 64, 0)]
+)
+def test_a_map_cut_into_overlapping_tiles_stitches_back_unchanged(h, w, size, overlap):
+    tiling = Tiling(size, overlap)
+    x = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+    boxes = tiling.grid(w, h)
+    tiles = cut(x, boxes, size)
+    assert tiles.shape == (len(boxes), 3, size, size)
+    assert torch.equal(stitch(tiles, boxes, h, w), x)  # bit for bit, overlaps included
+
+
+def test_tiled_inference_stitches_what_a_per_pixel_model_sees():
+    """A per-pixel function of the tile's own pixels comes back as the same function of the image."""
+    tiling = Tiling(48, 12)
+    image = torch.randint(0, 256, (3, 100, 130), dtype=torch.uint8)
+    out = tiled(lambda b: b.float().mean(dim=1, keepdim=True) / 255, image, tiling, 48, batch_size=5)
+    assert out.shape == (1, 100, 130)
+    assert torch.allclose(out[0], image.float().mean(dim=0) / 255, atol=1e-6)
+
+    def two(b):
+        return torch.stack([b.float().mean((1, 2, 3)), -b.float().mean((1, 2, 3))], 1)
+
+    per_tile = tiled(two, image, tiling, 48)
+    assert per_tile.shape == (tiling.count(130, 100), 2)
+
+
+def test_a_part_is_its_strongest_tile():
+    p = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.0, 0.4]])
+    assert torch.equal(strongest(p, good=0), p[1])  # least likely good
+    assert torch.equal(strongest(p, good=0, multilabel=True), torch.tensor([0.2, 0.7, 0.4]))
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ({"size": 64, "overlap": 64}, "overlap=64: expected 0 <= overlap < size"),
+        ({"size": 8}, "size=8"),
+        ({"size": 64, "per_image": -1}, "per_image=-1"),
+        ({"size": 64, "defect_bias": 2}, "defect_bias=2"),
+        ({"size": 64, "stride": 3}, "unknown keys stride"),
+    ],
+)
+def test_bad_tile_settings_get_one_message_each(value, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):
+        tiling_from(value)
+
+
+# ---- the plan's slots and the draws --------------------------------------------------------------
+
+
+def test_sizes_run_length_encode_a_camera_in_one_entry():
+    sizes = [(4000, 3000)] * 5 + [(640, 480)] * 2 + [(4000, 3000)]
+    runs = run_lengths(sizes)
+    assert runs == [[4000, 3000, 5], [640, 480, 2], [4000, 3000, 1]]
+    assert [tuple(s) for s in expand_sizes(runs)] == sizes
+
+
+def test_every_tile_of_every_image_is_one_slot():
+    tiling = Tiling(64, 8)
+    sizes = [[[320, 240, 2], [60, 50, 1]], [[64, 64, 3]]]  # images under a tile: one tile, padded
+    slots = Slots(tiling, [3, 3], sizes)
+    grid = tiling.count(320, 240)
+    assert slots.per_shard == (2 * grid + 1, 3)
+    seen = [(0, *slots.image_of(0, j)) for j in range(slots.per_shard[0])]
+    seen += [(1, *slots.image_of(1, j)) for j in range(slots.per_shard[1])]
+    assert seen == [(0, 0, t) for t in range(grid)] + [(0, 1, t) for t in range(grid)] + [(0, 2, 0)] + [
+        (1, i, 0) for i in range(3)
+    ]
+
+
+def test_all_tiles_needs_the_image_sizes_and_says_how_to_get_them():
+    with pytest.raises(UserError, match="python -m data index"):
+        Slots(Tiling(64), [3], [()])
+    assert Slots(Tiling(64, per_image=5), [3], [()]).per_shard == (15,)  # a fixed count needs none
+
+
+def test_draws_are_deterministic_distinct_and_biased_toward_defects():
+    tiling = Tiling(64, per_image=6, defect_bias=1.0)
+    a = draw(tiling, 20, np.random.default_rng([0, 1, 2, 3]), defects=[4, 9])
+    assert a == draw(tiling, 20, np.random.default_rng([0, 1, 2, 3]), defects=[4, 9])
+    assert len(set(a)) == 6 and set(a[:2]) == {4, 9}  # the defect tiles first, each once
+    assert draw(replace(tiling, defect_bias=0.0), 20, np.random.default_rng([0, 2, 2, 3])) != a
+    small = draw(Tiling(64, per_image=5), 3, np.random.default_rng(0))
+    assert sorted(small[:3]) == [0, 1, 2]  # a grid smaller than per_image: every tile, then again
+
+
+@pytest.mark.parametrize("per_image", [0, 3])
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 2), (3, 1)])
+def test_each_tile_trains_once_per_epoch_across_ranks_and_workers_and_on_resume(per_image, world, workers):
+    tiling = Tiling(64, 8, per_image)
+    sizes = [[[320, 240, 4]], [[200, 130, 3], [64, 64, 2]], [[320, 240, 1]]]
+    slots = Slots(tiling, [4, 5, 1], sizes)
+    plan = EpochPlan(slots.per_shard, 4, 1, 2, world, num_workers=workers, buffer_size=8)
+
+    def tiles(rank: int, worker: int, consumed: int = 0) -> list[tuple[int, int, int]]:
+        samples = replace(plan, rank=rank).worker_samples(worker, consumed)
+        return [(s, *slots.image_of(s, j)) for s, j in samples]
+
+    full = [t for r in range(world) for w in range(workers) for t in tiles(r, w)]
+    assert len(full) == len(set(full))  # never twice
+    assert len(full) > sum(slots.per_shard) - world * 4  # only the tail under world x batch dropped
+    if per_image:
+        assert {(s, i) for s, i, _ in full} <= {(s, i) for s, n in enumerate([4, 5, 1]) for i in range(n)}
+    # A resume mid-epoch continues each worker exactly where the plan says.
+    counts = replace(plan, rank=0).batches_per_worker()
+    at = sum(counts) // 2
+    done = consumed_per_worker(counts, at)
+    for w in range(workers):
+        assert tiles(0, w, at) == tiles(0, w)[done[w] * 4 :]
+
+
+# ---- decoding only what the tiles need ----------------------------------------------------------
+
+
+def _jpeg(w: int, h: int) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "boxes", [[(0, 0)], [(8, 40), (200, 100)], [(0, 0), (56, 0), (112, 0), (168, 0)], [(260, 180)]]
+)
+def test_tiles_read_from_regions_equal_a_full_decode_then_crop(boxes):
+    data = _jpeg(320, 240)
+    im = Image.open(io.BytesIO(data))
+    full = np.asarray(im.convert("RGB"))
+    got = read_boxes(data, Image.open(io.BytesIO(data)), boxes, 64)
+    for (x, y), tile in zip(boxes, got):
+        want = np.zeros((64, 64, 3), np.uint8)
+        part = full[y : y + 64, x : x + 64]
+        want[: part.shape[0], : part.shape[1]] = part
+        assert np.array_equal(tile, want)
+
+
+def test_region_decode_is_available_here():
+    assert region.available(), "the turbojpeg wheel (libjpeg-turbo 3) is a dependency: it must load"
+
+
+# ---- through the real entry points -------------------------------------------------------------
+
+
+def test_training_on_tiles_audits_each_tile_once_and_resumes_exactly(tmp_path, parts_index):
+    train_cli(tmp_path, parts_index, "name=reference", "trainer.max_epochs=2", TILES, "data.batch_size=8")
+    (ref_dir,) = (tmp_path / "outputs" / "reference").iterdir()
+    expected = audit(ref_dir)
+    keys = expected["epoch000-rank000.txt"]
+    assert len(keys) == len(set(keys)) == 64  # 16 train parts x 4 tiles, 8 batches of 8
+    assert Counter(k.split("@")[0] for k in keys) == Counter({k.split("@")[0]: 4 for k in keys})
+    assert keys != expected["epoch001-rank000.txt"]  # other draws, another order, each epoch
+
+    victim = train_cli(
+        tmp_path,
+        parts_index,
+        "name=crashy",
+        "trainer.max_epochs=2",
+        "checkpoint.every_n_steps=3",
+        TILES,
+        "data.batch_size=8",
+        wait=False,
+        env={"SHARDTRAIN_KILL_AT_STEP": "12"},
+    )
+    out, _ = victim.communicate(timeout=300)
+    assert victim.returncode == -signal.SIGKILL, out[-2000:]
+    train_cli(
+        tmp_path,
+        parts_index,
+        "name=crashy",
+        "trainer.max_epochs=2",
+        "checkpoint.every_n_steps=3",
+        TILES,
+        "data.batch_size=8",
+        "resume=auto",
+    )
+    runs = sorted((tmp_path / "outputs" / "crashy").iterdir())
+    assert audit(runs[-1]) == expected
+
+
+def test_a_tiled_model_judges_whole_parts_from_checkpoint_and_bundle_alike(tmp_path, parts_index, compose):
+    from train.evaluate import evaluate
+    from train.export import export
+    from train.run import train
+
+    cfg = compose(
+        "data=shards",
+        f"data.index={parts_index}",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.backbone=test_resnet",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "task=segment",
+        "task.decoder_channels=[8,8,8,8,8]",
+        TILES,
+        f"paths.log_dir={tmp_path}/outputs",
+        f"paths.output_dir={tmp_path}/outputs/run",
+    )
+    ckpt = train(cfg)["best_checkpoint"]
+    report = evaluate(
+        compose_config("evaluate", f"ckpt={ckpt}", f"out={tmp_path}/eval", "data.num_workers=0")
+    )
+    assert report["samples"] == 4 and report["pixels"] == 4 * 320 * 240  # whole parts, full size
+    assert set(report["localisation"]) >= {"caught", "localised", "localised_share"}
+    model_ckpt = f"{tmp_path}/eval/model.ckpt"
+    parity = export(compose_config("export", f"ckpt={model_ckpt}", "format=onnx", f"out={tmp_path}/bundle"))
+    assert parity["passed"] is True and parity["images"] == 4
+    info = json.loads((tmp_path / "bundle" / "preprocess.json").read_text())
+    assert info["tiles"] == {"size": 64, "overlap": 8} and info["preprocess"][1]["op"] == "tile"
+    image = Image.new("RGB", (333, 201), (128, 128, 128))  # not a multiple of anything
+    a = load_model(f"{tmp_path}/eval/model.ckpt").predict(image)
+    b = load_model(f"{tmp_path}/bundle").predict(image)
+    assert a["mask"].shape == b["mask"].shape == (201, 333)
+    assert (a["mask"] == b["mask"]).mean() >= 0.999 and a["defect"] == b["defect"]
+    assert a["defect_score"] == pytest.approx(b["defect_score"], abs=1e-4)
