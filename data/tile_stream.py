@@ -5,7 +5,7 @@
          └─ read_planned     each image's raw sample once, in the order its first tile is due
             └─ cut_tiles     every tile this worker needs from the image, from one decode of the
                │             regions they need, stashed until due: uint8 (3, S, S), the tile's
-               │             target, key "KEY@TILE" (TILE: the grid index), or None (bad)
+               │             target, key "KEY@X,Y" (the tile's corner, px), or None (bad)
                └─ batched    (data/stream.py)
 
 An image is decoded at most once per pass of a worker: a worker's tiles of one image are cut in
@@ -62,7 +62,8 @@ class TileTransform:
 @dataclass(frozen=True)
 class TileCutter:
     """Cuts an image's planned tiles: the grid from its own size, draws from (seed, epoch, shard,
-    image), targets cropped with their tile (`kind`: the task's target, see data/targets.py)."""
+    image) (data/tiles.py), targets cropped with their tile (`kind`: the task's target, see
+    data/targets.py)."""
 
     tiling: tiles.Tiling
     transform: TileTransform
@@ -82,20 +83,20 @@ class TileCutter:
         grid = self.tiling.grid(im.width, im.height)
         if self.tiling.per_image:
             rng = np.random.default_rng([self.seed, epoch, shard, image])
-            chosen = tiles.draw(self.tiling, len(grid), rng, tiles.defect_tiles(self.tiling, grid, mask))
-            which = [chosen[d] for d in draws]
+            chosen = tiles.draw(self.tiling, grid, im.size, rng, mask)
+            boxes = [chosen[d] for d in draws]
         else:
             if max(draws) >= len(grid):
                 raise BadSample("image size differs from the index (index it again: python -m data index)")
-            which = list(draws)
-        pixels = read_boxes(data, im, [grid[t] for t in which], self.tiling.size)
+            boxes = [grid[d] for d in draws]
+        pixels = read_boxes(data, im, boxes, self.tiling.size)
         key = sample.get("__key__", "?")
         out = []
-        for t, px in zip(which, pixels):
-            box = grid[t]
+        for box, px in zip(boxes, pixels):
             m = None if mask is None else tiles.crop(mask, box, self.tiling.size)
             img, m = self.transform(px, m if self.kind in ("mask", "anomaly") else None)
-            out.append((img, self._tile_target(target, m, mask, box), f"{key}@{t}"))
+            # keyed by image and tile: the tile's top-left corner in the image's pixels
+            out.append((img, self._tile_target(target, m, mask, box), f"{key}@{box[0]},{box[1]}"))
         return out
 
     def _mask(self, sample: dict, target) -> np.ndarray | None:
@@ -118,7 +119,7 @@ class TileCutter:
         g = self.classes.index(good) if good else 0
         counts[g] = 0
         if self.kind == "labels":
-            hot = (counts[: len(self.classes)] > 0).astype(np.float32)
+            hot = (counts > 0).astype(np.float32)
             hot[g] = float(not hot.any())
             return hot
         return int(counts.argmax()) if counts.any() else g

@@ -11,15 +11,16 @@ equal batches per rank, exact and elastic resume and the audit all hold per tile
                           inside the image unless the image is smaller than one tile: then one
                           tile at (0, 0), padded)
     slot (shard, j) ──▶ (image i of the shard, draw t)
-    draw t ──▶ grid tile: all tiles in grid order, or `per_image` tiles drawn without repeats
-               from (seed, epoch, shard, image), a `defect_bias` share of them among the tiles
-               that hold defect pixels
+    draw t ──▶ a tile: the grid's t-th (all tiles, row by row), or the t-th of `per_image` tiles
+               drawn from (seed, epoch, shard, image): grid tiles without repeats, and a
+               `defect_bias` share of them around defect pixels where the image has a mask
 
 Pure and torch-free: the plan, the loader and `predict` share it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ from functools import lru_cache
 import numpy as np
 
 from data.errors import UserError
+
+log = logging.getLogger(__name__)
 
 Box = tuple[int, int]  # a tile's top-left corner (x, y), pixels of the full image
 
@@ -121,6 +124,11 @@ class Slots:
 
     def __init__(self, tiling: Tiling, num_samples: Sequence[int], sizes: Sequence[Sequence] | None):
         self.tiling = tiling
+        small = sum(int((expand_sizes(s).min(axis=1) < tiling.size).sum()) for s in sizes or () if s)
+        if small:  # a note, not an error: such an image is one tile, zero-padded
+            log.warning(
+                "%d images are smaller than a %d px tile: each is one tile, zero-padded", small, tiling.size
+            )
         if tiling.per_image:
             self.per_shard = tuple(n * tiling.per_image for n in num_samples)
             self._ends = None
@@ -152,29 +160,37 @@ def tile_counts(tiling: Tiling, runs: Sequence[Sequence[int]]) -> np.ndarray:
     return _counts(tiling, tuple(tuple(r) for r in runs))
 
 
-def defect_tiles(tiling: Tiling, boxes: Sequence[Box], mask: np.ndarray | None) -> list[int]:
-    """The grid tiles whose pixels include a defect (mask value > 0)."""
-    if mask is None or not mask.any():
-        return []
+def draw(
+    tiling: Tiling,
+    grid: Sequence[Box],
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    mask: np.ndarray | None,
+) -> list[Box]:
+    """`per_image` tiles of one image (width, height) for one epoch. Each draw, with probability
+    `defect_bias` when the image has defect pixels (mask > 0), is a tile around a random defect
+    pixel (anywhere in its middle half, so the defect is seen at many places in the tile);
+    otherwise a grid tile not drawn yet (every grid tile once before any repeats). Positions never
+    repeat within the epoch while the image has room for them."""
+    w, h = size
     s = tiling.size
-    return [t for t, (x, y) in enumerate(boxes) if mask[y : y + s, x : x + s].any()]
-
-
-def draw(tiling: Tiling, n_tiles: int, rng: np.random.Generator, defects: Sequence[int] = ()) -> list[int]:
-    """`per_image` grid tiles for one image and epoch, without repeats while the grid lasts.
-    Each draw, with probability `defect_bias`, is taken among the defect tiles not yet drawn."""
-    chosen: list[int] = []
-    left = list(range(n_tiles))
-    marked = set(defects)
+    marked = np.flatnonzero(mask > 0) if mask is not None and tiling.defect_bias else np.zeros(0, np.int64)
+    left = list(range(len(grid)))
+    chosen: list[Box] = []
     for _ in range(tiling.per_image):
-        if not left:
-            left = list(range(n_tiles))  # a grid smaller than per_image: a second round
-        pool = left
-        if marked and rng.random() < tiling.defect_bias:
-            pool = [t for t in left if t in marked] or left
-        t = pool[int(rng.integers(len(pool)))]
-        chosen.append(t)
-        left.remove(t)
+        box = None
+        if marked.size and rng.random() < tiling.defect_bias:
+            for _ in range(8):  # a fresh position, unless the defect leaves no room for one
+                y, x = divmod(int(marked[rng.integers(marked.size)]), mask.shape[1])
+                dx, dy = rng.integers(s // 4, s - s // 4, size=2)
+                box = (int(np.clip(x - dx, 0, max(0, w - s))), int(np.clip(y - dy, 0, max(0, h - s))))
+                if box not in chosen:
+                    break
+        while box is None or (box in chosen and left):
+            if not left:
+                left = list(range(len(grid)))  # more draws than grid tiles: a second round
+            box = grid[left.pop(int(rng.integers(len(left))))]
+        chosen.append(box)
     return chosen
 
 

@@ -42,7 +42,7 @@ def parts_index(tmp_path_factory) -> str:
     return report.index.location
 
 
-TILES = "+data.tiles={size: 64, overlap: 8, per_image: 4, defect_bias: 0.5}"
+TILES = "data.tiles={size: 64, overlap: 8, per_image: 4, defect_bias: 0.5}"
 
 
 # ---- the grid and stitching ----------------------------------------------------------------------
@@ -141,13 +141,27 @@ def test_all_tiles_needs_the_image_sizes_and_says_how_to_get_them():
 
 
 def test_draws_are_deterministic_distinct_and_biased_toward_defects():
-    tiling = Tiling(64, per_image=6, defect_bias=1.0)
-    a = draw(tiling, 20, np.random.default_rng([0, 1, 2, 3]), defects=[4, 9])
-    assert a == draw(tiling, 20, np.random.default_rng([0, 1, 2, 3]), defects=[4, 9])
-    assert len(set(a)) == 6 and set(a[:2]) == {4, 9}  # the defect tiles first, each once
-    assert draw(replace(tiling, defect_bias=0.0), 20, np.random.default_rng([0, 2, 2, 3])) != a
-    small = draw(Tiling(64, per_image=5), 3, np.random.default_rng(0))
-    assert sorted(small[:3]) == [0, 1, 2]  # a grid smaller than per_image: every tile, then again
+    tiling = Tiling(64, 8, per_image=12, defect_bias=0.5)
+    size = (640, 480)
+    grid = tiling.grid(*size)
+    mask = np.zeros((480, 640), np.uint8)
+    mask[300:310, 500:520] = 1  # one small defect
+
+    def drawn(*key):
+        return draw(tiling, grid, size, np.random.default_rng(key), mask)
+
+    a = drawn(0, 1, 2, 3)
+    assert a == drawn(0, 1, 2, 3) and a != drawn(0, 2, 2, 3)  # a pure function of (seed, epoch, ...)
+    assert len(set(a)) == 12
+    on_defect = [b for b in a if mask[b[1] : b[1] + 64, b[0] : b[0] + 64].any()]
+    assert 3 <= len(on_defect) <= 10  # about half, by defect_bias (a grid tile may hold it too)
+    assert all(0 <= x <= 640 - 64 and 0 <= y <= 480 - 64 for x, y in a)
+    plain = draw(replace(tiling, defect_bias=0.0), grid, size, np.random.default_rng(0), mask)
+    assert set(plain) <= set(grid)  # no bias: grid tiles only
+    small = draw(
+        Tiling(64, per_image=5), [(0, 0), (40, 0), (80, 0)], (144, 64), np.random.default_rng(0), None
+    )
+    assert sorted(small[:3]) == [(0, 0), (40, 0), (80, 0)]  # every grid tile, then again
 
 
 @pytest.mark.parametrize("per_image", [0, 3])
@@ -283,3 +297,80 @@ def test_a_tiled_model_judges_whole_parts_from_checkpoint_and_bundle_alike(tmp_p
     assert a["mask"].shape == b["mask"].shape == (201, 333)
     assert (a["mask"] == b["mask"]).mean() >= 0.999 and a["defect"] == b["defect"]
     assert a["defect_score"] == pytest.approx(b["defect_score"], abs=1e-4)
+
+
+def test_a_bad_part_is_skipped_and_counted_per_tile_never_a_crash():
+    from data.samples import Labels
+    from data.stream import BadSamples
+    from data.targets import Mask, encode_mask
+    from data.tile_stream import TileCutter, TileTransform, tile_items
+
+    tiling = Tiling(32, 0, per_image=2)
+    cut_tiles = TileCutter(tiling, TileTransform(32), Mask(Labels(("ok", "spot"))), "mask", ("ok", "spot"))
+    image = _jpeg(64, 48)
+
+    def part(key: str, mask: np.ndarray) -> dict:
+        return {"__key__": key, "__url__": "x.tar", "jpg": image, "cls": b"1", "mask.png": encode_mask(mask)}
+
+    right = np.zeros((48, 64), np.uint8)
+    right[5:9, 40:44] = 1
+    raw = iter(
+        [part("wrong", np.ones((40, 64), np.uint8)), part("right", right), {"__key__": "empty", "cls": b"0"}]
+    )
+    slots = Slots(tiling, [3], None)
+    bad = BadSamples()
+    out = list(tile_items([(0, j) for j in range(6)], slots, raw, cut_tiles, 0, bad))
+    assert [o is None for o in out] == [True, True, False, False, True, True]
+    assert bad.counts == {"mask size differs from its image": 2, "no image": 2}
+    assert all(o[2].startswith("right@") for o in out if o) and out[2][0].shape == (3, 32, 32)
+
+
+def test_the_writer_makes_large_parts_and_the_index_knows_their_sizes(tmp_path):
+    import subprocess
+    import sys
+
+    from data.index import load_index
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data",
+            "write",
+            "--synthetic",
+            "4",
+            "--part-size",
+            "300x200",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    index = load_index(str(tmp_path / "d"))
+    assert index.classes == ("ok", "scratch", "spot")
+    assert all(
+        s.sizes == ((300, 200, s.num_samples),) for split in index.splits.values() for s in split.shards
+    )
+    (tmp_path / "d" / "dataset.json").unlink()  # shards without an index, as another tool leaves them
+    run = subprocess.run(
+        [sys.executable, "-m", "data", "index", str(tmp_path / "d")], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert load_index(str(tmp_path / "d")).splits == index.splits  # scanned: the same sizes
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data",
+            "write",
+            "--synthetic",
+            "4",
+            "--part-size",
+            "300",
+            str(tmp_path / "e"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "expected WIDTHxHEIGHT" in bad.stderr and not (tmp_path / "e").exists()
