@@ -17,6 +17,18 @@ FRACTION = number(0, 1, open_high=True)  # a share of each class; 1 would leave 
 MIB = number(0, open_low=True)
 
 
+def _part_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        w = h = 0
+    if min(w, h) < 128:
+        raise argparse.ArgumentTypeError(
+            f"{text}: expected WIDTHxHEIGHT in pixels, each at least 128 (4000x3000)"
+        )
+    return w, h
+
+
 def _write(args: argparse.Namespace) -> None:
     from data import sources
     from data.write import write_dataset
@@ -26,9 +38,11 @@ def _write(args: argparse.Namespace) -> None:
     elif args.from_manifest:
         items, origin = sources.from_manifest(args.from_manifest), {"manifest": args.from_manifest}
     else:
-        n, size = args.synthetic, args.image_size
-        items = sources.from_synthetic(n, args.seed, size)
+        n, size, large = args.synthetic, args.image_size, args.part_size
+        items = sources.from_synthetic(n, args.seed, size, large=large)
         origin = {"synthetic": {"num_samples": n, "seed": args.seed, "image_size": size}}
+        if large:
+            origin["synthetic"]["large"] = list(large)
     report = write_dataset(
         items,
         args.out,
@@ -125,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shard-size-mb", type=argument(MIB, float), default=256.0, help="max MiB per shard")
     w.add_argument("--workers", type=argument(POSITIVE), default=None, help="processes (default: all cores)")
     w.add_argument("--image-size", type=argument(integer(8)), default=96, help="synthetic images, pixels")
+    w.add_argument(
+        "--part-size",
+        metavar="WxH",
+        type=_part_size,
+        help="synthetic: whole large parts of W x H pixels with 10-50 px defects (for tiles), e.g. 4000x3000",
+    )
     w.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     w.set_defaults(run=_write)
 

@@ -33,6 +33,7 @@ from data.checks import (
 )
 from data.checks import check as check_rules
 from data.errors import UserError
+from data.tiles import tiling_from
 from train.network import backbone_problem
 
 POSITIVE = integer(1)
@@ -75,6 +76,21 @@ def _resources(v: object) -> str | None:
     return None if ok else "must be a mapping of resource names to amounts >= 0, e.g. {CPU: 8, GPU: 1}"
 
 
+def _tiles(v: object) -> str | None:
+    if not isinstance(v, Mapping):
+        return "must be a mapping {size, overlap, per_image, defect_bias} (pixels, tiles)"
+    try:
+        tiling_from(v)
+    except UserError as e:
+        return str(e).removeprefix("data.tiles.").removeprefix("data.tiles: ")
+    return None
+
+
+def _part_size(v: object) -> str | None:
+    ok = isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int) and x >= 128 for x in v)
+    return None if ok else "must be [width, height] in pixels, each at least 128, e.g. [4000, 3000]"
+
+
 DATA: dict[str, Rule] = {
     "data.index": optional(text),
     "data.batch_size": POSITIVE,
@@ -99,6 +115,10 @@ DATA: dict[str, Rule] = {
     "data.synthetic.image_size": integer(8),
     "data.synthetic.cache_dir": text,
     "data.synthetic.multi": FRACTION,
+    "data.synthetic.large": optional(_part_size),
+    "data.tiles": optional(_tiles),
+    "data.vflip": FRACTION,
+    "data.val_batch_size": optional(POSITIVE),
 }
 
 TRAINER: dict[str, Rule] = {
