@@ -374,3 +374,26 @@ def test_the_writer_makes_large_parts_and_the_index_knows_their_sizes(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "expected WIDTHxHEIGHT" in bad.stderr and not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_every_tile_of_every_part_once(tmp_path, parts_index):
+    """2 CPU ranks, every tile of every part (per_image 0): equal shares, each tile once."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "train", "data=shards", f"data.index={parts_index}", "data.image_size=64",
+           "data.batch_size=16", "data.num_workers=1", "model.backbone=test_resnet", "trainer=ddp",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+           "trainer.enable_progress_bar=false", "task=segment", "task.decoder_channels=[8,8,8,8,8]",
+           "data.audit=true", "logger=none", "data.tiles={size: 64, overlap: 8, per_image: 0}",
+           f"paths.log_dir={tmp_path}", "name=ddp"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (run_dir,) = (tmp_path / "ddp").iterdir()
+    files = {p.name: p.read_text().splitlines() for p in sorted((run_dir / "audit").glob("epoch*.txt"))}
+    ranks = files["epoch000-rank000.txt"], files["epoch000-rank001.txt"]
+    grid = Tiling(64, 8).grid(320, 240)
+    every = {f"{k}@{x},{y}" for k in {key.split("@")[0] for r in ranks for key in r} for x, y in grid}
+    assert len(ranks[0]) == len(ranks[1]) == 16 * 30 // 2  # 16 train parts x 30 tiles, halved
+    assert sorted(ranks[0] + ranks[1]) == sorted(every)  # each tile of each part exactly once
