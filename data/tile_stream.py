@@ -143,7 +143,7 @@ def read_boxes(data: bytes, im, boxes: Sequence[tiles.Box], size: int) -> list[n
             whole = region.decode_region(data, union)
             return [tiles.crop(whole, (x - x0, y - y0), size) for x, y, _, _ in rects]
         return [tiles.crop(region.decode_region(data, r), (0, 0), size) for r in rects]
-    whole = np.asarray(im.convert("RGB"))
+    whole = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy an RGB frame
     return [tiles.crop(whole, (x, y), size) for x, y, _, _ in rects]
 
 

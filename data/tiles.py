@@ -126,9 +126,7 @@ class Slots:
         self.tiling = tiling
         small = sum(int((expand_sizes(s).min(axis=1) < tiling.size).sum()) for s in sizes or () if s)
         if small:  # a note, not an error: such an image is one tile, zero-padded
-            log.warning(
-                "%d images are smaller than a %d px tile: each is one tile, zero-padded", small, tiling.size
-            )
+            _note_small(small, tiling.size)
         if tiling.per_image:
             self.per_shard = tuple(n * tiling.per_image for n in num_samples)
             self._ends = None
@@ -149,6 +147,11 @@ class Slots:
         ends = self._ends[shard]
         i = int(np.searchsorted(ends, slot, side="right"))
         return i, slot - (int(ends[i - 1]) if i else 0)
+
+
+@lru_cache(maxsize=16)  # once per process, not at every epoch's loader
+def _note_small(count: int, size: int) -> None:
+    log.warning("%d images are smaller than a %d px tile: each is one tile, zero-padded", count, size)
 
 
 @lru_cache(maxsize=64)

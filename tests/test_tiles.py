@@ -72,7 +72,7 @@ def test_a_map_cut_into_overlapping_tiles_stitches_back_unchanged(h, w, size, ov
     boxes = tiling.grid(w, h)
     tiles = cut(x, boxes, size)
     assert tiles.shape == (len(boxes), 3, size, size)
-    assert torch.equal(stitch(tiles, boxes, h, w), x)  # bit for bit, overlaps included
+    assert torch.equal(stitch(tiles, boxes, h, w, tiling), x)  # bit for bit, overlaps included
 
 
 def test_tiled_inference_stitches_what_a_per_pixel_model_sees():

@@ -11,6 +11,7 @@ so they all see a part the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -31,22 +32,35 @@ def cut(image: torch.Tensor, boxes: list[Box], size: int) -> torch.Tensor:
     return out
 
 
-def stitch(tiles: torch.Tensor, boxes: list[Box], height: int, width: int) -> torch.Tensor:
-    """(C, H, W) float32 from (n, C, T, T) tile maps, overlaps averaged. Summed in float64, so a
-    map cut into overlapping tiles stitches back bit for bit (a sum of k equal float32 values is
-    exact there, and so is its division by k)."""
-    c, t = tiles.shape[1], tiles.shape[2]
-    out = torch.empty((c, height, width), dtype=torch.float32)
-    count = torch.zeros((height, width), dtype=torch.float64)
-    for x, y in boxes:
-        count[y : y + t, x : x + t] += 1
-    for ch in range(c):  # one float64 plane at a time: 8 bytes a pixel, not 8 × C
-        acc = torch.zeros((height, width), dtype=torch.float64)
-        for k, (x, y) in enumerate(boxes):
-            part = acc[y : y + t, x : x + t]
-            part += tiles[k, ch, : part.shape[0], : part.shape[1]].double()
-        out[ch] = (acc / count).float()
-    return out
+class Stitcher:
+    """Per-pixel tile outputs averaged into a (C, H, W) float32 map as they come, chunk by chunk,
+    so a 50 MP part never holds all its tiles' outputs at once. A running mean per pixel
+    (m += (x - m) / k at the k-th tile to cover it): a map cut into overlapping tiles stitches
+    back bit for bit (x - m is exactly 0 where the values agree), in 4 bytes a value plus one
+    count plane."""
+
+    def __init__(self, channels: int, height: int, width: int, tiling: Tiling):
+        self.out = torch.zeros((channels, height, width), dtype=torch.float32)
+        deep = (math.ceil(tiling.size / tiling.stride) + 1) ** 2  # tiles over one pixel, at most
+        self.count = torch.zeros((height, width), dtype=torch.uint8 if deep < 256 else torch.int32)
+        self.size = tiling.size
+
+    def add(self, tiles: torch.Tensor, boxes: list[Box]) -> None:
+        """tiles (n, C, T, T) at `boxes`."""
+        for tile, (x, y) in zip(tiles, boxes):
+            out, count = (
+                self.out[:, y : y + self.size, x : x + self.size],
+                self.count[y : y + self.size, x : x + self.size],
+            )
+            count += 1
+            out += (tile[:, : out.shape[1], : out.shape[2]] - out) / count.float()
+
+
+def stitch(tiles: torch.Tensor, boxes: list[Box], height: int, width: int, tiling: Tiling) -> torch.Tensor:
+    """(C, H, W) float32 from (n, C, T, T) tile maps at `boxes`, overlaps averaged."""
+    s = Stitcher(tiles.shape[1], height, width, tiling)
+    s.add(tiles, boxes)
+    return s.out
 
 
 def tiled(
@@ -61,18 +75,22 @@ def tiled(
     h, w = image.shape[-2:]
     boxes = tiling.grid(w, h)
     t = tiling.size
-    outs = []
+    rows, stitcher = [], None
     for i in range(0, len(boxes), batch_size):
-        batch = cut(image, boxes[i : i + batch_size], t)
+        chunk = boxes[i : i + batch_size]
+        batch = cut(image, chunk, t)
         if t != input_size:
             batch = TF.resize(batch, [input_size, input_size], InterpolationMode.BILINEAR, antialias=True)
         p = probs(batch)
         p = p.float().cpu() if isinstance(p, torch.Tensor) else torch.from_numpy(np.asarray(p, np.float32))
-        if p.ndim == 4 and p.shape[-1] != t:
+        if p.ndim == 2:  # one row per tile (classification)
+            rows.append(p)
+            continue
+        if p.shape[-1] != t:
             p = F.interpolate(p, size=(t, t), mode="bilinear", align_corners=False)
-        outs.append(p)
-    p = torch.cat(outs)
-    return stitch(p, boxes, h, w) if p.ndim == 4 else p
+        stitcher = stitcher or Stitcher(p.shape[1], h, w, tiling)
+        stitcher.add(p, chunk)
+    return torch.cat(rows) if rows else stitcher.out
 
 
 def strongest(tile_probs: torch.Tensor, good: int | None, multilabel: bool = False) -> torch.Tensor:
