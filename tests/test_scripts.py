@@ -115,3 +115,15 @@ def test_bench_anomaly_writes_both_methods_figures(tmp_path):
         assert f["1x"]["peak_rss_mb"] > 0 and f["2x"]["train_s"] > 0, f
         assert f["onnx_parity_max_abs_diff"] <= 1e-4 and f["predict_ms_onnx"] > 0
         assert 0 <= f["image_auroc"] <= 1
+
+
+def test_bench_tiles_writes_the_four_sections(tmp_path):
+    run("bench_tiles.py", "--quick", "--json", str(tmp_path / "tiles.json"), cwd=tmp_path)
+    figures = json.loads((tmp_path / "tiles.json").read_text())
+    region, loader = figures["region_vs_full"], figures["loader_vs_tight"]
+    rss, latency = figures["peak_rss_50mp"], figures["predict_latency_20mp"]
+    for kind in ("one_tile", "sixteen_tiles"):
+        assert region[kind]["ratio"] > 0 and region[kind]["full_tiles_per_s"] > 0, region
+    assert loader["loader_tiles"] > 0 and loader["tight_tiles_per_s"] > 0 and loader["ratio"] > 0, loader
+    assert rss["main_peak_mb"] > 0 and rss["worker_peak_mb"] > 0 and rss["decoded_image_mb"] > 0, rss
+    assert latency["checkpoint_ms"] > 0 and latency["onnx_ms"] > 0 and latency["tiles_per_image"] > 0, latency
