@@ -397,3 +397,33 @@ def test_ddp_ranks_train_every_tile_of_every_part_once(tmp_path, parts_index):
     every = {f"{k}@{x},{y}" for k in {key.split("@")[0] for r in ranks for key in r} for x, y in grid}
     assert len(ranks[0]) == len(ranks[1]) == 16 * 30 // 2  # 16 train parts x 30 tiles, halved
     assert sorted(ranks[0] + ranks[1]) == sorted(every)  # each tile of each part exactly once
+
+
+@pytest.mark.parametrize("task", ["anomaly", "classify"])
+def test_anomaly_and_per_tile_classes_train_on_tiles_and_judge_whole_parts(
+    tmp_path, parts_index, compose, task
+):
+    from train.run import train
+
+    cfg = compose(
+        "data=shards", f"data.index={parts_index}", "data.image_size=64", "data.batch_size=8",
+        "data.num_workers=0", "model.backbone=test_resnet", "trainer=cpu", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false", "logger=none", f"task={task}", TILES,
+        f"paths.log_dir={tmp_path}/outputs", f"paths.output_dir={tmp_path}/outputs/run",
+    )  # fmt: skip
+    model = load_model(train(cfg)["best_checkpoint"])
+    assert model.spec.tiles == {"size": 64, "overlap": 8}
+    out = model.predict(Image.new("RGB", (200, 90), (90, 90, 90)))
+    if task == "anomaly":
+        assert out["anomaly_map"].shape == (90, 200) and 0 <= out["defect_score"] <= 1
+    else:  # the part's class is its strongest tile's
+        assert out["label"] in model.spec.classes and set(out["probs"]) == set(model.spec.classes)
+
+
+def test_an_image_smaller_than_a_tile_is_padded_with_a_note(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        slots = Slots(Tiling(128, 16), [2], [[[100, 60, 1], [300, 200, 1]]])
+    assert slots.per_shard == (1 + Tiling(128, 16).count(300, 200),)
+    assert "1 images are smaller than a 128 px tile" in caplog.text
