@@ -95,7 +95,8 @@ def read_mask(data: bytes) -> np.ndarray:
     a = np.asarray(im.convert("L") if im.mode == "1" else im)
     if a.max(initial=0) > 255:
         raise BadSample("mask values out of range")
-    return a.astype(np.uint8, copy=False)
+    # A copy whatever the type: PIL's buffer is read-only, and masks go on into torch tensors.
+    return a.astype(np.uint8)
 
 
 def mask_classes(mask: np.ndarray, label: int, num_classes: int) -> np.ndarray:
