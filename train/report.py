@@ -131,6 +131,14 @@ def print_evaluation(report: dict, out: str) -> None:
         )
         for note in d["notes"]:
             log.warning("%s", note)
+    loc = report.get("localisation")
+    if loc and loc["caught"]:
+        log.info(
+            "localisation: %d of %d defective parts caught were stopped for the right place (%.1f%%)",
+            loc["localised"],
+            loc["caught"],
+            100 * loc["localised_share"],
+        )
     log.info("report written to %s", out)
 
 
@@ -149,4 +157,6 @@ def flat_metrics(report: dict) -> dict[str, float]:
     if d and "threshold" in d:
         keep = ("threshold", "escape_rate", "false_alarm_rate", "roc_auc", "average_precision")
         metrics |= {f"{prefix}/defect/{k}": d[k] for k in keep if k in d}
+    if (report.get("localisation") or {}).get("localised_share") is not None:
+        metrics[f"{prefix}/defect/localised_share"] = report["localisation"]["localised_share"]
     return {k: float(v) for k, v in metrics.items()}
