@@ -93,3 +93,14 @@ def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
     auroc, metrics = _quickstart(tmp_path, "quickstart_anomaly", "image AUROC", "trainer.max_epochs=20")
     assert auroc >= 0.85 and metrics["task"] == "anomaly" and metrics["image_auroc"] >= 0.85
     assert metrics["pixel_auroc"] >= 0.7 and metrics["defect"]["chosen_by"] == "target_escape"
+
+
+@pytest.mark.slow
+def test_quickstart_tiles_finds_small_defects_on_large_parts(tmp_path):
+    # 14 minutes here; it finds the spots and not yet the scratches (README): the bars say it
+    # learned, judged on whole parts at full size, not that it meets the aim for large parts
+    iou, metrics = _quickstart(tmp_path, "quickstart_tiles", "defect-pixel IoU")
+    assert metrics["task"] == "segment" and metrics["samples"] == 24 and metrics["pixels"] == 24 * 3000 * 2000
+    assert iou >= 0.15 and metrics["per_class"]["spot"]["iou"] >= 0.15 and metrics["defect"]["roc_auc"] >= 0.6
+    loc = metrics["localisation"]
+    assert loc["caught"] >= 6 and loc["localised_share"] >= 0.6
