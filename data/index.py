@@ -6,7 +6,8 @@ never has to list a bucket or open a shard to learn sizes.
     {"format": "shardtrain.dataset", "version": 1, "classes": ["ok", "scratch", ...],
      "splits": {"train": {"num_samples": 2550, "num_bytes": 9175040,
                           "shards": [{"url": "train-000000.tar", "num_samples": 512,
-                                      "num_bytes": 1843200, "sha256": "..."}, ...]},
+                                      "num_bytes": 1843200, "sha256": "...",
+                                      "sizes": [[4000, 3000, 512]]}, ...]},
                 "val": {...}}}
 
 Shard URLs are relative to the index's own location unless they carry a scheme or are absolute,

@@ -222,7 +222,7 @@ def export(cfg: DictConfig) -> dict:
             log.warning("parity skipped: %s", report["skipped"])
         else:
             exported = bundle.load_bundle(tmp)  # the loader users call, on the files just written
-            chunk = min(len(images), 16)
+            chunk = 16 if tiling else min(len(images), 16)  # tiled: tiles per batch
             for batch in (1, chunk) if fmt != "coreml" else (1,):
                 got = scored(exported, batch)
                 report["batches"][str(batch)] = check_parity(
