@@ -87,7 +87,7 @@ class TileCutter:
             boxes = [chosen[d] for d in draws]
         else:
             if max(draws) >= len(grid):
-                raise BadSample("image size differs from the index (index it again: python -m data index)")
+                raise BadSample("image size differs from the index (python -m data index DIR --overwrite)")
             boxes = [grid[d] for d in draws]
         pixels = read_boxes(data, im, boxes, self.tiling.size)
         key = sample.get("__key__", "?")

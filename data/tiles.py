@@ -134,8 +134,9 @@ class Slots:
         if sizes is None or any(len(expand_sizes(s)) != n for s, n in zip(sizes, num_samples)):
             raise UserError(
                 "data.tiles.per_image=0 (every tile of every image) needs each image's size, and this "
-                "data set's index does not record them: index it again (python -m data index DIR) or "
-                "write it with this version, or draw a fixed number of tiles (data.tiles.per_image=16)"
+                "data set's index does not record them: index it again (python -m data index DIR "
+                "--overwrite) or write it with this version, or draw a fixed number of tiles "
+                "(data.tiles.per_image=16)"
             )
         self._ends = [np.cumsum(tile_counts(tiling, s)) for s in sizes]  # per shard: (N,) cumulative
         self.per_shard = tuple(int(e[-1]) if len(e) else 0 for e in self._ends)
