@@ -24,7 +24,8 @@ def predict(images, spec, probs: ProbsFn, batch_size: int = 32) -> list[dict] | 
     "probs"}`; segment `{"label", "mask" (H, W) uint8 at the image's own size, "areas", "probs"}`;
     each with `"defect_score"` and `"defect"` (stop the part?) when the model knows its good class,
     at the threshold evaluation chose (else 0.5); anomaly `{"label": "good" or "defect",
-    "defect_score", "defect", "anomaly_map" (H, W) float32 in [0, 1], "raw_score"}`."""
+    "defect_score", "defect", "anomaly_map" (H, W) float32 in [0, 1], "raw_score"}`. A model trained
+    on tiles (`spec.tiles`) sees each whole image in tiles of its training grid (train/tiled.py)."""
     from data.transforms import EvalTransform
     from train import tasks
 
