@@ -127,8 +127,8 @@ class TileCutter:
 
 def read_boxes(data: bytes, im, boxes: Sequence[tiles.Box], size: int) -> list[np.ndarray]:
     """uint8 (size, size, 3) pixels of each tile (padded past the image's edge), from one decode:
-    region by region, or of the smallest box around them all, whichever decodes fewer pixels
-    (entropy decoding of the rows above a region counted at ROW_COST)."""
+    region by region, or of the smallest box around them all, whichever costs less (entropy
+    decoding of every row down to a region's last counted at ROW_COST a pixel)."""
     w, h = im.size
     rects = [(x, y, min(size, w - x), min(size, h - y)) for x, y in boxes]
     if im.format == "JPEG" and im.mode in ("RGB", "L") and region.available():
