@@ -231,7 +231,7 @@ class ShardDataModule(L.LightningDataModule):
             if saved.get(key) != now:
                 # Both reorder the epoch itself, so the samples already trained cannot be told.
                 raise UserError(
-                    f"cannot resume mid-epoch with a changed {key} ({saved[key]} -> {now}): resume "
+                    f"cannot resume mid-epoch with a changed {key} ({saved.get(key)} -> {now}): resume "
                     "with the original one, or from an end-of-epoch checkpoint"
                 )
         if trained == plan:

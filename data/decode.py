@@ -22,10 +22,11 @@ def open_image(data: bytes) -> Image.Image:
     return im
 
 
-def decode_fully(data: bytes) -> Image.Image:
-    """Open and decode every byte, at 1/8 scale where JPEG allows: proves a file readable for
-    about a tenth of a full decode (the entropy decoding still covers the whole stream)."""
-    im = open_image(data)
+def decode_fully(data: bytes | Image.Image) -> Image.Image:
+    """Open (or take the image opened) and decode every byte, at 1/8 scale where JPEG allows:
+    proves a file readable for about a tenth of a full decode (the entropy decoding still covers
+    the whole stream). The image's size is then the reduced one."""
+    im = data if isinstance(data, Image.Image) else open_image(data)
     im.draft("RGB", (64, 64))
     im.load()
     return im

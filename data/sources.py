@@ -25,6 +25,7 @@ class Payload:
     ext: str  # "jpg", "png", ... as it will be named in the shard
     meta: dict = field(default_factory=dict)  # learned while reading (e.g. what was drawn)
     mask: bytes | None = None  # KEY.mask.png: single-channel PNG of class indices (0: good)
+    size: tuple[int, int] | None = None  # (width, height), once the writer's check has read it
 
 
 @dataclass(frozen=True)
@@ -192,30 +193,22 @@ def from_synthetic(
 ) -> list[Item]:
     """The embedded set; `multi`: the share of defective parts with defects of several kinds;
     `large` (width, height): whole large parts with small defects instead (data/synthetic_large.py)."""
-    from data import synthetic
-
     if large:
-        from data import synthetic_large
+        from data import synthetic_large as gen
 
         w, h = (int(v) for v in large)
-        return [
-            Item(
-                synthetic_large.CLASSES[synthetic_large.label_of(seed, i)],
-                partial(render_large, seed, i, w, h),
-                f"synthetic-large:{seed}/{i}",
-                meta={"source": f"synthetic-large:{seed}/{i}"},
-                mask=f"synthetic-large:{seed}/{i}",
-            )
-            for i in range(num_samples)
-        ]
+        name, render = "synthetic-large", partial(render_large, width=w, height=h)
+    else:
+        from data import synthetic as gen
 
+        name, render = "synthetic", partial(render_synthetic, size=size, multi=multi)
     return [
         Item(
-            synthetic.CLASSES[synthetic.label_of(seed, i)],
-            partial(render_synthetic, seed, i, size, multi),
-            f"synthetic:{seed}/{i}",
-            meta={"source": f"synthetic:{seed}/{i}"},
-            mask=f"synthetic:{seed}/{i}",
+            gen.CLASSES[gen.label_of(seed, i)],
+            partial(render, seed, i),
+            f"{name}:{seed}/{i}",
+            meta={"source": f"{name}:{seed}/{i}"},
+            mask=f"{name}:{seed}/{i}",
         )
         for i in range(num_samples)
     ]

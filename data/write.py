@@ -55,13 +55,15 @@ class WriteReport:
 def check_image(payload: Payload) -> Payload:
     """Decode fully (at reduced scale where the format allows): a file that fails here would fail
     every epoch of every run, so it is cheaper to drop it once now."""
-    with decode_fully(payload.data) as im:
+    head = open_image(payload.data)
+    size = head.size  # read here, in the worker: the index records it, and the reduced decode shrinks it
+    with decode_fully(head) as im:
         fmt = im.format
         if fmt in KEPT_FORMATS:
-            return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta, payload.mask)
+            return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta, payload.mask, size)
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="PNG")
-        return Payload(buf.getvalue(), "png", payload.meta, payload.mask)
+        return Payload(buf.getvalue(), "png", payload.meta, payload.mask, size)
 
 
 class Refused(str):
@@ -196,8 +198,7 @@ def write_shards(
             w = _HashingWriter(f)
             tar = tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             count, size, sizes = 0, TAR_TRAILER, []
-        with open_image(payload.data) as im:  # header only
-            sizes.append(im.size)
+        sizes.append(payload.size or open_image(payload.data).size)  # checked payloads carry it
         for entry_name, data in entries:
             _add(tar, entry_name, data)
         count += 1

@@ -118,12 +118,17 @@ def test_bytes_after_eoi_still_decode():
     assert_same_pixels(data, boxes(64, 48))
 
 
-@pytest.mark.parametrize("turbo_path", [True, False], ids=["turbo", "pil"])
-def test_corrupt_data_raises_value_error(turbo_path, monkeypatch):
-    if turbo_path and not available():
+@pytest.fixture(params=[True, False], ids=["turbo", "pil"])
+def turbo_path(request, monkeypatch) -> bool:
+    """Each test on both paths: libjpeg-turbo's region decode, and the PIL fallback."""
+    if request.param and not available():
         pytest.skip(NO_TURBO)
-    if not turbo_path:
+    if not request.param:
         monkeypatch.setattr(region, "available", lambda: False)
+    return request.param
+
+
+def test_corrupt_data_raises_value_error(turbo_path):
     data = make_jpeg(203, 157, "4:2:0")
     damaged = {
         "half": data[: len(data) // 2],
@@ -155,12 +160,7 @@ def test_a_valid_jpeg_decodes_after_a_corrupt_one():
         assert_same_pixels(data, [(0, 0, 64, 48), (17, 5, 20, 20)])
 
 
-@pytest.mark.parametrize("turbo_path", [True, False], ids=["turbo", "pil"])
-def test_box_outside_the_image_raises_naming_it(turbo_path, monkeypatch):
-    if turbo_path and not available():
-        pytest.skip(NO_TURBO)
-    if not turbo_path:
-        monkeypatch.setattr(region, "available", lambda: False)
+def test_box_outside_the_image_raises_naming_it(turbo_path):
     data = make_jpeg(64, 48, "4:4:4")
     for box in [(-1, 0, 8, 8), (0, -1, 8, 8), (60, 0, 5, 8), (0, 41, 8, 8), (0, 0, 0, 8), (0, 0, 8, 0)]:
         with pytest.raises(

@@ -231,29 +231,11 @@ def test_training_on_tiles_audits_each_tile_once_and_resumes_exactly(tmp_path, p
     assert Counter(k.split("@")[0] for k in keys) == Counter({k.split("@")[0]: 4 for k in keys})
     assert keys != expected["epoch001-rank000.txt"]  # other draws, another order, each epoch
 
-    victim = train_cli(
-        tmp_path,
-        parts_index,
-        "name=crashy",
-        "trainer.max_epochs=2",
-        "checkpoint.every_n_steps=3",
-        TILES,
-        "data.batch_size=8",
-        wait=False,
-        env={"SHARDTRAIN_KILL_AT_STEP": "12"},
-    )
+    crashy = ("name=crashy", "trainer.max_epochs=2", "checkpoint.every_n_steps=3", TILES, "data.batch_size=8")
+    victim = train_cli(tmp_path, parts_index, *crashy, wait=False, env={"SHARDTRAIN_KILL_AT_STEP": "12"})
     out, _ = victim.communicate(timeout=300)
     assert victim.returncode == -signal.SIGKILL, out[-2000:]
-    train_cli(
-        tmp_path,
-        parts_index,
-        "name=crashy",
-        "trainer.max_epochs=2",
-        "checkpoint.every_n_steps=3",
-        TILES,
-        "data.batch_size=8",
-        "resume=auto",
-    )
+    train_cli(tmp_path, parts_index, *crashy, "resume=auto")
     runs = sorted((tmp_path / "outputs" / "crashy").iterdir())
     assert audit(runs[-1]) == expected
 
