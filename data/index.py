@@ -83,8 +83,9 @@ class DatasetIndex:
     def split(self, name: str) -> Split:
         if name not in self.splits:
             raise UserError(
-                f"dataset {self.location}: no split {name!r} (it has {sorted(self.splits)}; "
-                f"write one with: python -m data write --val-fraction 0.15 ...)"
+                f"dataset {self.location}: no split {name!r} (it has {sorted(self.splits)}; write one with "
+                f"python -m data write --val-fraction 0.15 ..., or for shards of another tool move whole "
+                f"shards with python -m data index {parent_url(self.location)} --val-fraction 0.1 --overwrite)"
             )
         return self.splits[name]
 

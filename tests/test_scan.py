@@ -111,3 +111,61 @@ def test_cli_label_option(json_labelled):
     assert wrong.returncode == 2 and "expected 'cls' or 'json:FIELD'" in wrong.stderr
     missing = subprocess.run([*run[:-1], "json:colour", "--overwrite"], capture_output=True, text=True)
     assert missing.returncode == 2 and "no sample has a label ('colour' in KEY.json)" in missing.stderr
+
+
+@pytest.fixture
+def gzipped(tmp_path):
+    """Gzipped shards as webdataset's TarWriter writes them (`.tgz`, as its own testdata/sample.tgz,
+    and `.tar.gz`), PNG images and no val split."""
+    for n, name in enumerate(("part-000000.tgz", "part-000001.tar.gz", "part-000002.tgz")):
+        with wds.TarWriter(str(tmp_path / name), compress=True) as sink:
+            for i in range(20):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((24, 24, 3), 40 * (i % 3), np.uint8)).save(buf, "PNG")
+                sink.write({"__key__": f"{n}{i:03d}", "png": buf.getvalue(), "cls": i % 3})
+    return tmp_path
+
+
+def test_gzipped_shards_index_read_and_train_without_a_val_split(gzipped, tmp_path):
+    assert len(list(wds.WebDataset(str(gzipped / "part-000001.tar.gz"), shardshuffle=False))) == 20
+    index = build_index(str(gzipped))
+    assert [s.url for s in index.split("train").shards] == [
+        "part-000000.tgz",
+        "part-000001.tar.gz",
+        "part-000002.tgz",
+    ]
+    assert index.split("train").num_samples == 60 and set(index.splits) == {"train"}
+    from data.verify import verify
+
+    assert not [c.problems for c in verify(index, workers=1) if c.problems]
+    # No val split: training warns, names the fix, trains and keeps its last epoch.
+    run = [sys.executable, "-m", "train", "data=shards", f"data.index={index.location}", "data.image_size=32"]
+    run += ["data.batch_size=8", "data.num_workers=0", "model.backbone=test_resnet", "trainer=cpu"]
+    run += ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "has no 'val' split: training without validation" in out.stderr
+    assert f"python -m data index {gzipped} --val-fraction 0.1 --overwrite" in out.stderr
+    assert list(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
+
+
+def test_val_fraction_moves_whole_shards_to_val(foreign):
+    (foreign / "val-000000.tar").unlink()  # 30 train samples in shards of 12, 12, 6
+    index = build_index(str(foreign), val_fraction=0.2, seed=1)
+    train, val = index.split("train"), index.split("val")
+    assert train.num_samples + val.num_samples == 30 and len(val.shards) == 1
+    assert {s.url for s in train.shards}.isdisjoint(s.url for s in val.shards)
+    assert val.num_samples == 6  # the shard nearest 20% of 30
+    again = build_index(str(foreign), val_fraction=0.2, seed=1, overwrite=True)
+    assert again.sha256 == index.sha256  # the same seed draws the same shards
+
+
+def test_val_fraction_is_refused_where_it_cannot_apply(foreign, tmp_path):
+    with pytest.raises(UserError, match="already have a val split"):
+        build_index(str(foreign), val_fraction=0.1)
+    one = tmp_path / "one"
+    one.mkdir()
+    with wds.TarWriter(str(one / "all.tar")) as sink:
+        sink.write({"__key__": "a", "jpg": jpeg(0), "cls": 0})
+    with pytest.raises(UserError, match="needs at least 2 train shards"):
+        build_index(str(one), val_fraction=0.1)

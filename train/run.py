@@ -8,11 +8,13 @@ from collections.abc import Callable
 
 import lightning.pytorch as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.datamodule import ShardDataModule
 from data.errors import Preempted
+from data.index import parent_url
 from data.quality import BadDataMonitor
 from data.targets import find_good
 from train import faults, settings
@@ -55,6 +57,24 @@ def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
     return datamodule, module
 
 
+def without_validation(cfg: DictConfig, split: str, where: str, trainer_args: dict) -> DictConfig:
+    """Shards from another tool often have no val split: train on, with a warning that names the
+    fix, rather than refuse. No validation loop runs, and checkpoints keep the latest epoch (no
+    metric to rank them by)."""
+    rank_zero_warn(
+        f"{where} has no {split!r} split: training without validation, so no validation metrics and "
+        "no best checkpoint by score (last.ckpt is the latest epoch). To validate, move whole shards to "
+        f"val with: python -m data index {parent_url(where)} --val-fraction 0.1 --overwrite"
+    )
+    trainer_args.update(limit_val_batches=0, num_sanity_val_steps=0)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for callback in (cfg.get("callbacks") or {}).values():
+            if callback.get("monitor"):
+                callback.monitor, callback.save_top_k = None, 1  # Lightning: top-k needs a monitor
+    return cfg
+
+
 def train(
     cfg: DictConfig,
     ckpt_path: str | None = None,
@@ -84,11 +104,13 @@ def train(
     log_config(loggers, config, run_ids)
 
     index = datamodule.index
+    args = dict(trainer_args or {})
+    if datamodule.val_split not in index.splits:
+        cfg = without_validation(cfg, datamodule.val_split, index.location, args)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks or [])
     callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256)))
     callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
-    args = dict(trainer_args or {})
     args["plugins"] = [AtomicCheckpointIO(), *args.get("plugins", [])]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **args)
     if prepare:
