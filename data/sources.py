@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -39,20 +39,41 @@ class Item:
     rest: str = "train"  # an unsplit item not drawn for val goes here (MVTec's test images: test)
 
 
-def read_file(path: str, mask: str | None = None) -> Payload:
+def _read(path: str) -> bytes:
+    """A local path, or an fsspec URL (s3://, gs://, https://: sources on object storage)."""
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
     with open(path, "rb") as f:
-        data = f.read()
+        return f.read()
+
+
+def read_file(path: str, mask: str | None = None) -> Payload:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    mask_data = None
-    if mask:
-        with open(mask, "rb") as f:
-            mask_data = f.read()
-    return Payload(data, "jpg" if ext == "jpeg" else ext, mask=mask_data)
+    return Payload(_read(path), "jpg" if ext == "jpeg" else ext, mask=_read(mask) if mask else None)
+
+
+def _resolve(base: str, path: str) -> str:
+    """A manifest's path: absolute or a URL as it is, else relative to the manifest's place."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return f"{base.rstrip('/')}/{path}" if "://" in base else os.path.join(base, path)
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        return fs.exists(root)
+    return os.path.isfile(path)
 
 
 def _missing_masks(items: list[Item], where: str) -> None:
     """Every missing mask file named before anything is written."""
-    missing = [i.mask for i in items if i.mask and not os.path.isfile(i.mask)]
+    missing = [i.mask for i in items if i.mask and not _exists(i.mask)]
     if missing:
         shown = "\n  ".join(missing[:20]) + (
             f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
@@ -117,47 +138,61 @@ def from_mvtec(root: str) -> list[Item]:
 
 
 def from_manifest(path: str) -> list[Item]:
-    """CSV or JSON Lines with `path` and `label` (or `labels`), optional `split` and `mask`; other
-    columns go to KEY.json.
-
-    `labels` names a part's defects, ";"-separated (empty: a good part); `mask` is the path of a
-    single-channel PNG of class indices (0: good), or a binary mask of the row's `label`. Relative
-    paths resolve against the manifest's own directory.
-    """
-    if not os.path.isfile(path):
+    """CSV or JSON Lines rows, read by `items_from_rows`; relative paths resolve against the
+    manifest's own directory."""
+    if not _exists(path):
         raise UserError(f"--from-manifest {path}: no such file")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: spreadsheet CSVs start with a BOM
-        text = f.read()
+    text = _read(path).decode("utf-8-sig")  # -sig: spreadsheet CSVs start with a BOM
     if path.endswith((".jsonl", ".ndjson")):
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     elif path.endswith(".csv"):
         rows = list(csv.DictReader(io.StringIO(text)))
     else:
         raise UserError(f"--from-manifest {path}: expected a .csv or .jsonl file")
-    base = os.path.dirname(os.path.abspath(path))
+    first = 2 if path.endswith(".csv") else 1  # a CSV's line 1 is its header
+    located = ((f"{path}:{line}", row) for line, row in enumerate(rows, start=first))
+    base = path.rsplit("/", 1)[0] if "://" in path else os.path.dirname(os.path.abspath(path))
+    return items_from_rows(located, base, f"--from-manifest {path}")
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()  # a label 0 from JSON or SQL is a label
+
+
+def items_from_rows(rows: Iterable[tuple[str, dict]], base: str, where: str) -> list[Item]:
+    """The rows of a manifest or a SQL query, each with where it came from (`labels.csv:3`) for
+    messages, as items: `path` and `label` (or `labels`), optional `split` and `mask`; other
+    columns go to KEY.json.
+
+    `labels` names a part's defects, ";"-separated (empty: a good part); `mask` is the path of a
+    single-channel PNG of class indices (0: good), or a binary mask of the row's `label`. Relative
+    paths resolve against `base`; `where` names the source in the missing-masks message.
+    """
     items = []
-    for line, row in enumerate(rows, start=2 if path.endswith(".csv") else 1):
+    for location, row in rows:
         has_labels = "labels" in row and row["labels"] is not None
-        missing = [c for c in ("path", "label") if not str(row.get(c) or "").strip()]
+        missing = [c for c in ("path", "label") if not _text(row.get(c))]
         if has_labels and missing == ["label"]:
             missing = []  # a multi-label row: its class is its first label (or good, below)
         if missing:
             raise UserError(
-                f"{path}:{line}: missing {', '.join(missing)} (columns found: {sorted(row)}; a manifest "
+                f"{location}: missing {', '.join(missing)} (columns found: {sorted(row)}; a manifest "
                 "needs path and label (or labels) and may have split, mask plus any other columns)"
             )
-        file = os.path.join(base, row["path"])
-        split = str(row.get("split") or "").strip() or None
-        mask = os.path.join(base, str(row["mask"]).strip()) if str(row.get("mask") or "").strip() else None
+        source = str(row["path"])
+        split = _text(row.get("split")) or None
+        mask = _text(row.get("mask"))
+        mask = _resolve(base, mask) if mask else None
         meta = {k: v for k, v in row.items() if k not in ("label", "split", "mask")}
-        label = str(row.get("label") or "").strip() or next(iter(split_labels(row["labels"])), "")
-        items.append(Item(label, partial(read_file, file, mask), row["path"], split, meta, mask=mask))
+        label = _text(row.get("label")) or next(iter(split_labels(row["labels"])), "")
+        read = partial(read_file, _resolve(base, source), mask)
+        items.append(Item(label, read, source, split, meta, mask=mask))
     names = {i.label for i in items if i.label} | {
         n for i in items for n in split_labels(i.meta.get("labels"))
     }
     good = find_good(names) or "good"  # rows with no label and no defect labels are good parts
     items = [i if i.label else replace(i, label=good) for i in items]
-    _missing_masks(items, f"--from-manifest {path}")
+    _missing_masks(items, where)
     return items
 
 
