@@ -48,14 +48,17 @@ def _overlay(im: Image.Image, mask: np.ndarray) -> Image.Image:
 def sample_grid(index: DatasetIndex, split: str, per_class: int = 8) -> Image.Image:
     """The first `per_class` decodable images of each class in `split`, one row per class."""
     rows: dict[int, list[Image.Image]] = {c: [] for c in range(len(index.classes))}
+    depth = index.extra.get("bit_depth")  # 16-bit images scaled as the loader scales them
     for shard in index.split(split).shards:
         url = index.shard_url(shard)
         for sample in read_shard(url):
             try:
                 c = index.labels(sample)
                 if len(rows[c]) < per_class:
-                    im = open_image(image_bytes(sample))
-                    im = decode_rgb(im, min(im.size) / THUMB).resize((THUMB, THUMB), Image.BILINEAR)
+                    data = image_bytes(sample)
+                    im = open_image(data)
+                    im = decode_rgb(im, min(im.size) / THUMB, data, depth)
+                    im = im.resize((THUMB, THUMB), Image.BILINEAR)
                     if MASK_EXT in sample:
                         im = _overlay(im, Mask(index.labels)(sample))
                     rows[c].append(im)

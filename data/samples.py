@@ -11,7 +11,7 @@ import fsspec
 
 from data.tar import TarError, tar_files
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
 
 
 class BadSample(ValueError):

@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from data import region, tiles
-from data.decode import open_image
+from data.decode import decode_rgb, open_image
 from data.plan import Sample
 from data.samples import BadSample, image_bytes
 from data.targets import MASK_EXT, find_good, mask_classes, read_mask
@@ -71,6 +71,7 @@ class TileCutter:
     kind: str  # "class", "labels", "mask" or "anomaly"
     classes: tuple[str, ...]
     seed: int = 0
+    bit_depth: int | None = None  # significant bits of 16-bit images (None: each file's own)
 
     def __call__(self, sample: dict, shard: int, image: int, draws: Sequence[int], epoch: int) -> list:
         """(uint8 (3, S, S), target, key) for each draw, in the order of `draws`."""
@@ -89,7 +90,7 @@ class TileCutter:
             if max(draws) >= len(grid):
                 raise BadSample("image size differs from the index (python -m data index DIR --overwrite)")
             boxes = [grid[d] for d in draws]
-        pixels = read_boxes(data, im, boxes, self.tiling.size)
+        pixels = read_boxes(data, im, boxes, self.tiling.size, self.bit_depth)
         key = sample.get("__key__", "?")
         out = []
         for box, px in zip(boxes, pixels):
@@ -125,10 +126,13 @@ class TileCutter:
         return int(counts.argmax()) if counts.any() else g
 
 
-def read_boxes(data: bytes, im, boxes: Sequence[tiles.Box], size: int) -> list[np.ndarray]:
+def read_boxes(
+    data: bytes, im, boxes: Sequence[tiles.Box], size: int, bit_depth: int | None = None
+) -> list[np.ndarray]:
     """uint8 (size, size, 3) pixels of each tile (padded past the image's edge), from one decode:
     region by region, or of the smallest box around them all, whichever costs less (entropy
-    decoding of every row down to a region's last counted at ROW_COST a pixel)."""
+    decoding of every row down to a region's last counted at ROW_COST a pixel). A 16-bit image
+    is scaled to 8 bits by `bit_depth` (None: its own), as the loader's transforms do."""
     w, h = im.size
     rects = [(x, y, min(size, w - x), min(size, h - y)) for x, y in boxes]
     if im.format == "JPEG" and im.mode in ("RGB", "L") and region.available():
@@ -143,7 +147,7 @@ def read_boxes(data: bytes, im, boxes: Sequence[tiles.Box], size: int) -> list[n
             whole = region.decode_region(data, union)
             return [tiles.crop(whole, (x - x0, y - y0), size) for x, y, _, _ in rects]
         return [tiles.crop(region.decode_region(data, r), (0, 0), size) for r in rects]
-    whole = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy an RGB frame
+    whole = np.asarray(decode_rgb(im, 1.0, data, bit_depth))
     return [tiles.crop(whole, (x, y), size) for x, y, _, _ in rects]
 
 

@@ -12,6 +12,9 @@ A mask (uint8 (H, W) class indices at the image's own size) moves with its image
 is sampled, nearest-neighbour, at the centres of the output pixels of the very crop and flip the
 image got, whatever JPEG scale decoded the image; in evaluation it keeps the image's own size,
 where metrics are counted.
+
+A 16-bit camera image is scaled to 8 bits by `bit_depth` (the data set's, from dataset.json; None:
+each file's own), as data/decode.py says; only then cropped and resized.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class TrainTransform:
     scale: tuple[float, float] = (0.08, 1.0)  # crop area as a fraction of the image
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range, w / h
     hflip: float = 0.5  # probability of a horizontal flip
+    bit_depth: int | None = None  # significant bits of 16-bit images (None: each file's own)
 
     def __call__(self, data: bytes, mask: np.ndarray | None = None):
         """uint8 (3, S, S); with a mask, (image, mask uint8 (S, S))."""
@@ -49,7 +53,7 @@ class TrainTransform:
         if _direct_jpeg(im, spare):
             pixels = _decode_jpeg(data)
         else:
-            im = decode_rgb(im, spare)
+            im = decode_rgb(im, spare, data, self.bit_depth)
             # The box, drawn on the header size, in decoded pixels; per axis, since a reduced
             # JPEG rounds each side up on its own. Clamped, so rounding never crops past an edge.
             fx, fy = im.width / full_w, im.height / full_h
@@ -78,6 +82,7 @@ class EvalTransform:
     crop_pct: float = 0.875  # centre crop as a fraction of the resized short side
     fit: str = "crop"  # "crop": short side, then centre crop; "stretch": whole image to size x size;
     # "none": the image at its own size (a whole part, tiled by the model: data/tiles.py)
+    bit_depth: int | None = None  # significant bits of 16-bit images (None: each file's own)
 
     @property
     def resize(self) -> int:
@@ -87,7 +92,7 @@ class EvalTransform:
         """uint8 (3, S, S); with a mask, (image, the mask as uint8 (H, W), unchanged)."""
         im = open_image(data)
         check_mask(im, mask)
-        out = self.apply(_decode_jpeg(data) if _direct_jpeg(im, self._spare(im.size)) else im)
+        out = self.apply(_decode_jpeg(data) if _direct_jpeg(im, self._spare(im.size)) else im, data)
         return out if mask is None else (out, torch.from_numpy(mask))
 
     def _spare(self, size: tuple[int, int]) -> float:
@@ -98,10 +103,11 @@ class EvalTransform:
             return 1.0
         return min(size) / self.resize
 
-    def apply(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        """The same resize and crop for an image already open: PIL, or uint8 (3, H, W)."""
+    def apply(self, image: Image.Image | torch.Tensor, data: bytes | None = None) -> torch.Tensor:
+        """The same resize and crop for an image already open: PIL (`data`: its file's bytes, which
+        a 16-bit colour image decodes from), or uint8 (3, H, W)."""
         if isinstance(image, Image.Image):
-            image = decode_rgb(image, self._spare(image.size))
+            image = decode_rgb(image, self._spare(image.size), data, self.bit_depth)
             image = F.pil_to_tensor(image)
         if self.fit == "none":
             return image

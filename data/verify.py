@@ -1,7 +1,8 @@
 """`python -m data verify`: check every shard against its index before a long run finds out.
 
 Per shard: it exists, its size and sha256 match the index, it parses as a tar to the end, it
-holds the listed number of samples, every sample has an image that decodes and a label in range,
+holds the listed number of samples, every sample has an image that decodes (a 16-bit one within
+the data set's bit depth) and a label in range,
 and a mask (KEY.mask.png), where there is one, of the image's size with class indices in range;
 multi-label names (KEY.json "labels") must be classes.
 Shards are checked in parallel, one process per shard at a time, each read once.
@@ -17,7 +18,7 @@ from multiprocessing import get_context
 
 import fsspec
 
-from data.decode import decode_fully, open_image
+from data.decode import container_bits, decode_fully, decode_rgb, open_image
 from data.index import DatasetIndex, Shard
 from data.samples import BadSample, Labels, image_bytes, tar_samples
 from data.targets import MASK_EXT, Mask, MultiHot
@@ -30,7 +31,9 @@ class ShardCheck:
     problems: tuple[str, ...]
 
 
-def check_shard(url: str, shard: Shard, labels: Labels, decode: bool = True) -> ShardCheck:
+def check_shard(
+    url: str, shard: Shard, labels: Labels, decode: bool = True, bit_depth: int | None = None
+) -> ShardCheck:
     """Everything that can be wrong with one shard, as readable lines (at most a few per kind)."""
     try:
         with fsspec.open(url, "rb") as f:
@@ -47,7 +50,7 @@ def check_shard(url: str, shard: Shard, labels: Labels, decode: bool = True) -> 
     try:
         for sample in tar_samples(io.BytesIO(raw), url):
             count += 1
-            reason = _check_sample(sample, labels, decode)
+            reason = _check_sample(sample, labels, decode, bit_depth)
             if reason:
                 bad.setdefault(reason, []).append(sample["__key__"])
     except Exception as e:  # the tar itself is broken: what follows is unreadable
@@ -61,7 +64,7 @@ def check_shard(url: str, shard: Shard, labels: Labels, decode: bool = True) -> 
     return ShardCheck(url, count, tuple(problems))
 
 
-def _check_sample(sample: dict, labels: Labels, decode: bool) -> str | None:
+def _check_sample(sample: dict, labels: Labels, decode: bool, bit_depth: int | None = None) -> str | None:
     try:
         image = image_bytes(sample)
         labels(sample)
@@ -69,7 +72,9 @@ def _check_sample(sample: dict, labels: Labels, decode: bool) -> str | None:
         return str(e)
     if decode:
         try:
-            decode_fully(image).close()
+            _decode(image, bit_depth)
+        except BadSample as e:  # a 16-bit image's values over its depth
+            return str(e)
         except Exception:
             return "image does not decode"
     try:
@@ -86,13 +91,23 @@ def _check_sample(sample: dict, labels: Labels, decode: bool) -> str | None:
     return None
 
 
+def _decode(image: bytes, bit_depth: int | None) -> None:
+    """Decode as the loader will: a 16-bit image whole, scaled by the data set's depth (which
+    its values must fit), anything else fully at reduced scale."""
+    im = open_image(image)
+    if container_bits(im, image) > 8:
+        decode_rgb(im, 1.0, image, bit_depth)
+    else:
+        decode_fully(im).close()
+
+
 def _check(args: tuple) -> ShardCheck:
     return check_shard(*args)
 
 
 def verify(index: DatasetIndex, decode: bool = True, workers: int | None = None) -> list[ShardCheck]:
     jobs = [
-        (index.shard_url(shard), shard, index.labels, decode)
+        (index.shard_url(shard), shard, index.labels, decode, index.extra.get("bit_depth"))
         for split in index.splits.values()
         for shard in split.shards
     ]

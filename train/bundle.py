@@ -87,12 +87,17 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
                 "jpeg_scale": "a JPEG whose short side is at least 2 x the resize size is decoded at the "
                 "smallest DCT scale (1/2, 1/4, 1/8) that keeps the short side >= that size (libjpeg "
                 "scale_denom, PIL Image.draft, OpenCV IMREAD_REDUCED_COLOR_N), as training did",
+                "high_bit_depth": "a 16-bit PNG or TIFF (mono or RGB; alpha dropped) is read at full depth "
+                "(OpenCV IMREAD_UNCHANGED; PIL drops 16-bit RGB's low byte) and scaled to 8 bits as "
+                "floor((value * 510 + M) / (2 * M)), M = 2^bit_depth - 1 (value * 255 / M rounded half up); "
+                "bit_depth: this file's key, else the image's own (a PNG's sBIT chunk, else 16)",
             },
             *geometry,
         ],
         "image_size": spec.image_size,
         "crop_pct": spec.crop_pct,
         **({"tiles": spec.tiles} if spec.tiles else {}),
+        **({"bit_depth": spec.bit_depth} if spec.bit_depth else {}),
         "normalize": {
             "mean": list(spec.mean),
             "std": list(spec.std),
@@ -192,6 +197,7 @@ def spec_of(info: dict) -> ModelSpec:
         task.get("good"),
         task.get("options") or {},
         info.get("tiles") or {},
+        info.get("bit_depth"),  # bundles written before it: each image's own depth
     )
 
 
@@ -207,7 +213,7 @@ class BundleModel:
         return self._run(images)
 
     def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
-        """See `train.predict.predict`: paths, PIL images or uint8 tensors in, one dict per image."""
+        """See `train.predict.predict`: paths, bytes, PIL images, arrays (uint16 too) or uint8 tensors in."""
         return predict(images, self.spec, self._run, batch_size)
 
     def __repr__(self) -> str:

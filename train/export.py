@@ -65,7 +65,7 @@ def parity_images(
     from data.transforms import EvalTransform
 
     index = load_index(index_url)
-    transform = EvalTransform(size, crop_pct, fit)
+    transform = EvalTransform(size, crop_pct, fit, index.extra.get("bit_depth"))  # 16-bit: as trained
     images = []
     for shard in index.split(split).shards:
         for sample in read_shard(index.shard_url(shard)):

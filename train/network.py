@@ -33,6 +33,8 @@ class ModelSpec:
     good: str | None = None  # the class of parts that pass (None: the data set has none)
     options: dict = field(default_factory=dict)  # the task's own options, e.g. segment's min_area
     tiles: dict = field(default_factory=dict)  # trained on tiles: {"size", "overlap"} px; {}: whole images
+    # 16-bit images' significant bits (data set's --bit-depth): value * 255 / (2^N - 1); None: each file's own
+    bit_depth: int | None = None
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -143,7 +145,7 @@ class Network(nn.Module):
 
     @torch.inference_mode()
     def predict(self, images, batch_size: int = 32) -> list[dict] | dict:
-        """See `train.predict.predict`: paths, PIL images or uint8 tensors in, one dict per image."""
+        """See `train.predict.predict`: paths, bytes, PIL images, arrays (uint16 too) or uint8 tensors in."""
         from train.predict import predict
 
         def probs(batch: torch.Tensor):  # uint8 (B, 3, S, S) → (B, C) or (B, C, S, S)
@@ -156,7 +158,7 @@ def spec_for(
     net: nn.Module, backbone: str, classes: Sequence[str], image_size: int, crop_pct: float, **task
 ) -> ModelSpec:
     """The spec of a freshly built network, with the normalisation its pretrained weights expect;
-    `task` holds the spec's task, good and options."""
+    `task` holds the spec's task, good, options, tiles and the data set's bit depth."""
     cfg = getattr(net, "pretrained_cfg", None) or {}
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
