@@ -37,6 +37,14 @@ def _write(args: argparse.Namespace) -> None:
         items, origin = sources.from_folder(args.from_folder), {"folder": args.from_folder}
     elif args.from_manifest:
         items, origin = sources.from_manifest(args.from_manifest), {"manifest": args.from_manifest}
+    elif args.from_sql:
+        from data.sql import from_sql
+
+        if not args.db:
+            raise UserError(
+                "--from-sql needs --db URL (a SQLAlchemy URL: sqlite:///inspections.db, postgresql://...)"
+            )
+        items, origin = from_sql(args.from_sql, args.db)
     else:
         n, size, large = args.synthetic, args.image_size, args.part_size
         items = sources.from_synthetic(n, args.seed, size, large=large)
@@ -53,12 +61,24 @@ def _write(args: argparse.Namespace) -> None:
         workers=args.workers,
         overwrite=args.overwrite,
         extra=origin,
+        bit_depth=args.bit_depth,
+        append=args.append,
+        ray=args.ray,
     )
     parts = ", ".join(
         f"{name} {split.num_samples} in {len(split.shards)} shards"
         for name, split in report.index.splits.items()
     )
     rate = report.written / report.seconds
+    if report.duplicates:
+        print(f"skipped {report.duplicates} images the data set already holds (same bytes)")
+    if args.append and not report.written:
+        print(f"nothing new: {report.index.location} is unchanged (version {report.version})")
+        return
+    if args.append:
+        print(f"version {report.version}: {report.written} new samples in {report.shards} new shards")
+    if report.kept:
+        print(f"kept {report.kept} shard groups an interrupted run of this write had finished")
     print(f"wrote {report.written} samples ({parts}) to {report.index.location}")
     print(f"{len(report.index.classes)} classes: {', '.join(report.index.classes)}")
     print(f"{report.seconds:.1f} s, {rate:.0f} images/s")
@@ -92,7 +112,7 @@ def _index(args: argparse.Namespace) -> int:
     from data.scan import build_index
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    index = build_index(args.dir, classes, args.overwrite, args.label)
+    index = build_index(args.dir, classes, args.overwrite, args.label, args.val_fraction, args.seed)
     parts = ", ".join(f"{name} {s.num_samples} in {len(s.shards)} shards" for name, s in index.splits.items())
     print(f"wrote {index.location}: {parts}; {len(index.classes)} classes")
     return 0
@@ -130,9 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         help=".csv or .jsonl with path,label[,split] and any extra columns (kept in KEY.json)",
     )
     source.add_argument(
+        "--from-sql",
+        metavar="QUERY",
+        help="rows of a SQL query, read as a manifest's columns (path, label, ...); with --db",
+    )
+    source.add_argument(
         "--synthetic", metavar="N", type=argument(POSITIVE), help="N samples of the embedded inspection set"
     )
     w.add_argument("out", help="output directory")
+    w.add_argument(
+        "--db", metavar="URL", help="--from-sql: SQLAlchemy URL (sqlite:///FILE, postgresql://USER@HOST/DB)"
+    )
+    w.add_argument(
+        "--bit-depth",
+        type=argument(integer(1, 16)),
+        default=None,
+        help="significant bits of 16-bit camera images (12 for a 12-bit camera); default: each file's own",
+    )
     w.add_argument("--val-fraction", type=argument(FRACTION, float), default=0.1, help="per class (0.1)")
     w.add_argument("--seed", type=argument(integer()), default=0, help="split and shuffle seed (default 0)")
     w.add_argument("--shard-samples", type=argument(POSITIVE), default=10_000, help="max samples per shard")
@@ -146,6 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         help="synthetic: whole large parts of W x H pixels with 10-50 px defects (for tiles), e.g. 4000x3000",
     )
     w.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    w.add_argument(
+        "--append",
+        action="store_true",
+        help="add the images as new shards of the data set in OUT (a new version; its shards stay as "
+        "they are; images it already holds are skipped)",
+    )
+    w.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="write as Ray tasks, one per shard, on the cluster at ADDRESS (auto: this machine's, or a "
+        "local one); OUT must be shared or object storage every node reaches",
+    )
     w.set_defaults(run=_write)
 
     x = sub.add_parser("index", help="write dataset.json for shards made by other tools")
@@ -157,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where samples keep their class: cls (KEY.cls, default) or json:FIELD (a field of "
         "KEY.json holding the class index or name)",
     )
+    x.add_argument(
+        "--val-fraction",
+        type=argument(FRACTION, float),
+        default=0.0,
+        help="move whole train shards, about this share of the samples, to val (default 0: none)",
+    )
+    x.add_argument("--seed", type=argument(integer()), default=0, help="which shards go to val (default 0)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing dataset.json")
     x.set_defaults(run=_index)
 

@@ -12,6 +12,7 @@ import lightning.pytorch as L
 
 from data import targets
 from data.audit import Audit, continue_audit
+from data.embedded import ensure_synthetic, synthetic_index
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
 from data.loader import PlannedLoader
@@ -20,7 +21,7 @@ from data.stream import ShardStream
 from data.tile_stream import TileCutter, TileTransform
 from data.tiles import Slots, tiling_from
 from data.transforms import EvalTransform, TrainTransform
-from data.write import ensure_synthetic, synthetic_index
+from data.versions import at_version, current
 
 # The data position lives in this module's state_dict, so a mid-epoch checkpoint resumes
 # exactly; Lightning only knows to look on the loader and would warn on every such resume.
@@ -68,6 +69,7 @@ class ShardDataModule(L.LightningDataModule):
         tiles: dict | None = None,
         vflip: float = 0.0,
         val_batch_size: int | None = None,
+        version: int | None = None,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -90,6 +92,7 @@ class ShardDataModule(L.LightningDataModule):
         self.target = target  # what the task learns: set by the task (train/tasks), not by config
         self.synthetic = dict(synthetic) if index is None and synthetic else None
         self._index_url = None if index is None else str(index)
+        self.version = version  # of a data set that grew (data/versions.py); None: the latest
         self._resume: dict | None = None  # a checkpoint's position, until its epoch starts
         self._part: tuple[int, tuple[Part, ...], int] = (-1, (), 0)  # (epoch, parts before, offset)
         self.audit_dir = os.path.abspath(audit_dir) if audit else None
@@ -118,9 +121,15 @@ class ShardDataModule(L.LightningDataModule):
     @cached_property
     def index(self) -> DatasetIndex:
         self.prepare_data()
-        index = load_index(self.index_url)
+        index = at_version(load_index(self.index_url), self.version)
         targets.check_index(index, self.target)
         return index
+
+    @property
+    def data_version(self) -> tuple[int | None, str]:
+        """(version, sha256 naming its shards): what lineage records, and what a mid-epoch resume
+        must find unchanged (an append since, to a run pinned to its version, changes nothing)."""
+        return current(self.index)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -155,10 +164,13 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> PlannedLoader:
         urls, plan, slots = self._plan(split, train)
+        depth = self.index.extra.get("bit_depth")  # 16-bit images' depth, from dataset.json (None: own)
         transform = self.train_transform if train else self.eval_transform
+        if isinstance(transform, TrainTransform | EvalTransform):  # tiles: the cutter decodes
+            transform = replace(transform, bit_depth=depth)
         reader = targets.reader(self.target, self.index.labels, train)
         cut = (
-            TileCutter(self.tiling, transform, reader, self.target, self.classes, self.seed)
+            TileCutter(self.tiling, transform, reader, self.target, self.classes, self.seed, depth)
             if slots
             else None
         )
@@ -227,7 +239,11 @@ class ShardDataModule(L.LightningDataModule):
         )
         if part.batches >= len(trained) or not (part.batches or plan.before):
             return replace(plan, before=()), 0, 0  # at an epoch's end or start: nothing to continue
-        for key, now in (("seed", self.seed), ("index_sha256", self.index.sha256), ("tiles", self._tiles())):
+        for key, now in (
+            ("seed", self.seed),
+            ("index_sha256", self.data_version[1]),
+            ("tiles", self._tiles()),
+        ):
             if saved.get(key) != now:
                 # Both reorder the epoch itself, so the samples already trained cannot be told.
                 raise UserError(
@@ -283,7 +299,7 @@ class ShardDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
-            "index_sha256": self.index.sha256,
+            "index_sha256": self.data_version[1],
             "tiles": self._tiles(),
         }
 

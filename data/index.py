@@ -84,8 +84,9 @@ class DatasetIndex:
         if name not in self.splits:
             raise UserError(
                 f"dataset {self.location}: no split {name!r} (it has {sorted(self.splits)}; write one with "
-                f"python -m data write --val-fraction 0.15 ..., or for shards of another tool move whole "
-                f"shards with python -m data index {parent_url(self.location)} --val-fraction 0.1 --overwrite)"
+                "python -m data write --val-fraction 0.15 ..., or for shards of another tool move whole "
+                f"shards with python -m data index {parent_url(self.location)} --val-fraction 0.1 "
+                "--overwrite)"
             )
         return self.splits[name]
 
@@ -153,7 +154,8 @@ def load_index(path_or_dir: str) -> DatasetIndex:
         if doc.get("version") != VERSION:
             raise ValueError(f"version {doc.get('version')}, this shardtrain reads {VERSION}")
         splits = {
-            name: Split(tuple(_shard(s) for s in split["shards"])) for name, split in doc["splits"].items()
+            name: Split(tuple(shard_from_json(s) for s in split["shards"]))
+            for name, split in doc["splits"].items()
         }
         classes = tuple(doc["classes"])
         label = Labels(classes, doc.get("label", "cls")).source
@@ -172,7 +174,7 @@ def load_index(path_or_dir: str) -> DatasetIndex:
     return DatasetIndex(classes, splits, url, hashlib.sha256(raw).hexdigest(), extra, label)
 
 
-def _shard(entry: dict) -> Shard:
+def shard_from_json(entry: dict) -> Shard:
     sizes = tuple(tuple(int(v) for v in r) for r in entry.get("sizes", ()))
     return Shard(**{**entry, "sizes": sizes})
 

@@ -1,46 +1,42 @@
 """Items → `{split}-000000.tar …` + `dataset.json`, deterministically and in parallel.
 
-A sample is `KEY.jpg|png|webp`, `KEY.cls` (the class index as text), `KEY.json` (source path
+A sample is `KEY.jpg|png|webp|tif|bmp`, `KEY.cls` (the class index as text), `KEY.json` (source path
 and any manifest columns, `labels` among them) and, where the source has one, `KEY.mask.png` (class
 indices, 0 the good class: a data set with masks lists its good class first): plain WebDataset,
 so `tar tf` and `webdataset.WebDataset` read it.
-Same items and options give byte-identical shards: images are copied as they are (JPEG, PNG and
-WebP; anything else PIL reads is re-encoded as PNG), tar headers carry no time or owner, and
-the worker pool returns results in input order.
+Same items and options give byte-identical shards: images are copied as they are (JPEG, PNG,
+WebP, TIFF and BMP, so 16-bit camera images stay lossless; anything else PIL reads is re-encoded
+as PNG), tar headers carry no time or owner, and the worker pool returns results in input order.
+16-bit images are checked against `--bit-depth N` (a value over 2^N - 1 stops the write), which
+dataset.json then records as `bit_depth` for the loader to scale by (data/decode.py).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import io
-import json
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from multiprocessing import get_context
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from data.decode import decode_fully, open_image
 from data.errors import UserError
-from data.index import INDEX_NAME, DatasetIndex, Shard, Split, join_url, load_index, save_index
-from data.sources import Item, Payload
+from data.index import INDEX_NAME, DatasetIndex, Shard, join_url, load_index
+from data.intake import DeepPayload, Refused, TooDeep, hashed
+from data.publish import first_number, publish
+from data.sources import Item
+from data.tar_write import write_shards
 from data.targets import good_first, split_labels
-from data.tiles import run_lengths
+from data.versions import Seen, known_images, next_key, versions
 
 log = logging.getLogger(__name__)
-
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-TAR_TRAILER = 2 * 512 + tarfile.RECORDSIZE  # end-of-archive blocks plus worst-case record padding
 
 
 @dataclass(frozen=True)
@@ -50,69 +46,10 @@ class WriteReport:
     skipped: Counter  # reason → count
     skipped_examples: list[str]  # the first few "source: reason"
     seconds: float
-
-
-def check_image(payload: Payload) -> Payload:
-    """Decode fully (at reduced scale where the format allows): a file that fails here would fail
-    every epoch of every run, so it is cheaper to drop it once now."""
-    head = open_image(payload.data)
-    size = head.size  # read here, in the worker: the index records it, and the reduced decode shrinks it
-    with decode_fully(head) as im:
-        fmt = im.format
-        if fmt in KEPT_FORMATS:
-            return Payload(payload.data, KEPT_FORMATS[fmt], payload.meta, payload.mask, size)
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
-        return Payload(buf.getvalue(), "png", payload.meta, payload.mask, size)
-
-
-class Refused(str):
-    """A source file that must not be written at all (a colour or lossy mask): the write stops."""
-
-
-def check_mask(payload: Payload, label: int, num_classes: int) -> str | None:
-    """Why a payload's mask cannot be written: Refused (wrong kind of file), or a reason to
-    skip the item (another size than its image, values out of range); None when it is fine."""
-    from data.decode import open_image
-    from data.samples import BadSample
-    from data.targets import mask_classes, read_mask
-
-    try:
-        mask = read_mask(payload.mask)
-    except BadSample as e:
-        return Refused(str(e))
-    except Exception as e:  # PIL raises many types for unreadable files
-        return Refused(f"unreadable mask: {e}".splitlines()[0][:200])
-    with open_image(payload.data) as im:
-        if mask.shape != (im.height, im.width):
-            return f"mask size differs: {mask.shape[1]}x{mask.shape[0]}, image {im.width}x{im.height}"
-    try:
-        mask_classes(mask, label, num_classes)
-    except BadSample as e:
-        return f"{e}: values up to {int(mask.max())}, {num_classes} classes"
-    return None
-
-
-def _load(job: tuple[Item, int, int]) -> Payload | str:
-    """Runs in a worker: the checked payload, or why the item is skipped ("reason: detail")."""
-    from PIL import UnidentifiedImageError
-
-    item, label, num_classes = job
-    try:
-        payload = item.read()
-        if item.mask is None:  # the data set's masks are those its items declare
-            payload = Payload(payload.data, payload.ext, payload.meta)
-        if payload.mask is not None:
-            problem = check_mask(payload, label, num_classes)
-            if problem:
-                return problem
-        return check_image(payload)
-    except UnidentifiedImageError:
-        return "not an image: PIL cannot identify it"
-    except FileNotFoundError as e:
-        return f"missing file: {e.filename}"
-    except Exception as e:  # PIL raises many types for corrupt data; skip and report, never fatal
-        return f"corrupt image: {e}".splitlines()[0][:200]
+    duplicates: int = 0  # an append's images the data set already held (same bytes), left out
+    version: int = 1  # the data set's version after this write
+    shards: int = 0  # written by this run
+    kept: int = 0  # --ray: groups an earlier, interrupted run of the same write had written
 
 
 def assign_splits(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[Item]]:
@@ -140,102 +77,106 @@ def assign_splits(items: list[Item], val_fraction: float, seed: int) -> dict[str
     }
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes, so no shard is read twice."""
+@dataclass
+class Tally:
+    """What a write left out: unreadable files per reason (the first few named), and images the
+    data set already held (an append's duplicates). Groups written apart add up in order."""
 
-    def __init__(self, f):
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first few "source: reason"
+    duplicates: int = 0
+    deep_bits: int = 0  # the most bits 16-bit images declaring no depth use: a --bit-depth hint
 
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.n += len(b)
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.n
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
+    def add(self, other: Tally) -> None:
+        self.skipped.update(other.skipped)
+        self.examples = (self.examples + other.examples)[:5]
+        self.duplicates += other.duplicates
+        self.deep_bits = max(self.deep_bits, other.deep_bits)
 
 
-def write_shards(
-    samples: Iterable[tuple[str, Payload, int, dict]],
-    out_dir: str,
-    split: str,
-    shard_samples: int,
-    shard_bytes: int,
-) -> Iterator[Shard]:
-    """(key, payload, class index, json) → shards of at most `shard_samples` samples and about
-    `shard_bytes` bytes (a shard closes before the sample that would overflow it)."""
-    tar = f = w = None
-    count = size = 0
-    number = 0
-
-    sizes: list[tuple[int, int]] = []  # the open shard's image sizes, in sample order
-
-    def close() -> Shard:
-        tar.close()
-        f.close()
-        return Shard(name, count, w.n, w.sha.hexdigest(), tuple(map(tuple, run_lengths(sizes))))
-
-    for key, payload, label, meta in samples:
-        entries = [(f"{key}.{payload.ext}", payload.data), (f"{key}.cls", str(label).encode())]
-        if meta:
-            entries.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
-        if payload.mask is not None:
-            entries.append((f"{key}.mask.png", payload.mask))
-        sample_bytes = sum(512 + len(d) + 511 for _, d in entries)  # header + padded body
-        if tar and (count >= shard_samples or size + sample_bytes > shard_bytes):
-            yield close()
-            tar = None
-        if tar is None:
-            name = f"{split}-{number:06d}.tar"
-            number += 1
-            f = open(os.path.join(out_dir, name), "wb")  # noqa: SIM115 (closed by close())
-            w = _HashingWriter(f)
-            tar = tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-            count, size, sizes = 0, TAR_TRAILER, []
-        sizes.append(payload.size or open_image(payload.data).size)  # checked payloads carry it
-        for entry_name, data in entries:
-            _add(tar, entry_name, data)
-        count += 1
-        size += sample_bytes
-    if tar:
-        yield close()
-
-
-def _checked(items, payloads, classes, key_of, skipped: Counter, examples: list[str]):
-    """(item, payload or reason) → (key, payload, class index, json); skips are counted."""
-    for item, payload in zip(items, payloads, strict=True):
+def _checked(items, loaded, classes, keys, group_size: int, tally: Tally, seen: Seen | None = None):
+    """(item, (payload or reason, sha256)) → (group, key, payload, class index, json, sha256);
+    skips and duplicates are counted. An item's group is its place in the split // group_size."""
+    for n, (item, (payload, digest)) in enumerate(zip(items, loaded, strict=True)):
+        if isinstance(payload, TooDeep):
+            raise UserError(f"{item.source}: {payload}. Nothing was written")
         if isinstance(payload, Refused):
             raise UserError(
                 f"{item.mask}: {payload}; write masks as single-channel PNG of class indices (or 0/255 for "
                 "the row's label). Nothing was written"
             )
         if isinstance(payload, str):
-            skipped[payload.split(":")[0]] += 1
-            if len(examples) < 5:
-                examples.append(f"{item.source}: {payload}")
+            tally.skipped[payload.split(":")[0]] += 1
+            if len(tally.examples) < 5:
+                tally.examples.append(f"{item.source}: {payload}")
             continue
-        yield key_of[id(item)], payload, classes.index(item.label), {**item.meta, **payload.meta}
+        if seen is not None and digest in seen:
+            tally.duplicates += 1
+            continue
+        if isinstance(payload, DeepPayload):
+            tally.deep_bits = max(tally.deep_bits, payload.used)
+        meta = {**item.meta, **payload.meta}
+        yield n // group_size, keys[n], payload, classes.index(item.label), meta, digest
 
 
-def _remove_index(fs, root: str, out_dir: str) -> set[str]:
-    """Drop an existing index first: from here until the new one lands the directory holds no
-    data set, rather than an index that points at shards being replaced."""
-    path = f"{root}/{INDEX_NAME}"
-    if not fs.exists(path):
-        return set()
+def write_group(
+    items: list[Item], keys: list[str], classes: tuple[str, ...], jobs: list, out_dir: str, name_of,
+    shard_bytes: int, seen: Seen | None,
+) -> tuple[list[tuple[Shard, list[bytes]]], Tally]:  # fmt: skip
+    """One group's shards, read and written in this process (a Ray task's work)."""
+    tally = Tally()
+    samples = _checked(items, map(hashed, jobs), classes, keys, len(items) or 1, tally, seen)
+    return list(write_shards(samples, out_dir, name_of, len(items) or 1, shard_bytes)), tally
+
+
+def _classes(items: list[Item], masked: bool, old: DatasetIndex | None) -> tuple[str, ...]:
+    labels = sorted({i.label for i in items} | {n for i in items for n in split_labels(i.meta.get("labels"))})
+    if old is not None:  # an append keeps the data set's classes and their indices
+        new = [c for c in labels if c not in old.classes]
+        if new:
+            raise UserError(
+                f"--append: the new images have classes the data set lacks: {', '.join(new[:10])} (it has "
+                f"{', '.join(old.classes)}); a new class changes every label index: write a new data set "
+                "with all images instead"
+            )
+        if old.label != "cls":
+            raise UserError(f"--append: {old.location} keeps labels in {old.label}, the writer in KEY.cls")
+        return old.classes
+    if len(labels) < 2:
+        raise UserError(f"the source has a single class {labels}: a classifier needs at least two")
+    return good_first(labels) if masked else tuple(labels)  # mask value 0: the good class
+
+
+def _write_local(splits, keys, classes, jobs_of, tmp, name_of, shard_samples, shard_bytes, workers, seen):
+    """Every split's shards, checked in a process pool and written here, in listing order."""
+    tally, written = Tally(), {}
+    pool = get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        old = load_index(out_dir)
-    except UserError:  # unreadable: nothing to learn about stale shards from it
-        fs.rm(path)
-        return set()
-    fs.rm(path)
-    return {s.url for split in old.splits.values() for s in split.shards if "/" not in s.url}
+        for name, split_items in splits.items():
+            jobs = [jobs_of(i) for i in split_items]
+            loaded = pool.imap(hashed, jobs, chunksize=16) if pool else map(hashed, jobs)
+            samples = _checked(split_items, loaded, classes, keys[name], shard_samples, tally, seen)
+            written[name] = list(
+                write_shards(samples, tmp, partial(name_of, name), shard_samples, shard_bytes)
+            )
+    finally:
+        if pool:
+            pool.terminate()
+    moves = [os.path.join(tmp, s.url) for parts in written.values() for s, _ in parts]
+    return written, tally, moves
+
+
+def _append_depth(old: DatasetIndex, bit_depth: int | None) -> int | None:
+    """The bit depth an append writes at: the data set's, which a --bit-depth given must match."""
+    had = old.extra.get("bit_depth")
+    if bit_depth is not None and bit_depth != had:
+        written = f"with --bit-depth {had}" if had else "without --bit-depth (each file at its own depth)"
+        again = f"--bit-depth {had}" if had else "no --bit-depth"
+        raise UserError(
+            f"--append --bit-depth {bit_depth}: {old.location} was written {written}; append with {again}, "
+            "or write a new data set"
+        )
+    return had
 
 
 def write_dataset(
@@ -249,8 +190,12 @@ def write_dataset(
     workers: int | None = None,
     overwrite: bool = False,
     extra: dict | None = None,
+    bit_depth: int | None = None,
+    append: bool = False,
+    ray: str | None = None,
 ) -> WriteReport:
-    """Write items as shards plus `dataset.json` into `out_dir`.
+    """Write items as shards plus `dataset.json` into `out_dir` (`append`: as a new version of the
+    data set there, leaving its shards as they are; `ray`: as Ray tasks, data/ray_write.py).
 
     Shards go to a hidden temporary directory first and are moved into place before the index
     is written, so an interrupted write leaves either the old data set or none, never a mix.
@@ -258,106 +203,101 @@ def write_dataset(
     start = time.perf_counter()
     fs, root = fsspec.core.url_to_fs(out_dir)
     local = isinstance(fs, LocalFileSystem)
-    labels = sorted({i.label for i in items} | {n for i in items for n in split_labels(i.meta.get("labels"))})
     if not items:
         raise UserError("the source has no images (expected image files, one subfolder per class)")
-    if len(labels) < 2:
-        raise UserError(f"the source has a single class {labels}: a classifier needs at least two")
-    if fs.exists(f"{root}/{INDEX_NAME}") and not overwrite:
-        raise UserError(f"{out_dir} already holds a data set (pass --overwrite to replace it)")
+    if append and overwrite:
+        raise UserError("--append adds to the data set and --overwrite replaces it: pass one of them")
+    exists = fs.exists(f"{root}/{INDEX_NAME}")
+    if exists and not (overwrite or append):
+        raise UserError(
+            f"{out_dir} already holds a data set (pass --append to add these images as a new version, "
+            "or --overwrite to replace it)"
+        )
+    old = load_index(out_dir) if append and exists else None
+    if old is not None:  # appended images decode as the data set's do: at its depth
+        bit_depth = _append_depth(old, bit_depth)
     masked = any(i.mask for i in items)
-    classes = good_first(labels) if masked else tuple(labels)  # mask value 0: the good class
+    classes = _classes(items, masked, old)
     splits = assign_splits(items, val_fraction, seed)
-    # Keys number the items in listing order: stable, unique across splits, free of dots.
-    key_of = {id(item): f"{n:08d}" for n, item in enumerate(items)}
+    # Keys number the items in listing order (an append's go on from the data set's): stable,
+    # unique across splits and versions, free of dots.
+    base = next_key(old) if old else 0
+    key_of = {id(item): f"{base + n:08d}" for n, item in enumerate(items)}
+    keys = {name: [key_of[id(i)] for i in split_items] for name, split_items in splits.items()}
+    held = known_images(old) if old else None  # (n, 32) sha256 of the images it holds, in order
+    seen = Seen(held) if old else None
+    # An index without versions (older, or another tool's) holds version 1 as it is.
+    version = (len(versions(old)) or 1) + 1 if old else 1
+    first = {name: first_number(old, name) for name in splits}
+    shard_bytes = int(shard_size_mb * 2**20)
 
-    # Shards are written locally first: inside out_dir on a local disk (so publishing them is a
-    # rename), in a temporary directory for object storage (then uploaded one by one).
+    def jobs_of(item: Item) -> tuple:
+        return item, classes.index(item.label), len(classes), bit_depth
+
+    def name_of(split: str, n: int) -> str:
+        return f"{split}-{first[split] + n:06d}.tar"
+
     if local:
         os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".writing-", dir=root if local else None)
-    skipped: Counter = Counter()
-    examples: list[str] = []
-    written: dict[str, Split] = {}
-    workers = workers or os.cpu_count() or 1
-    pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    kept = 0
+    if ray:
+        from data import ray_write
+
+        groups = [
+            (name, g, split_items[g * shard_samples : (g + 1) * shard_samples],
+             keys[name][g * shard_samples : (g + 1) * shard_samples],
+             [jobs_of(i) for i in split_items[g * shard_samples : (g + 1) * shard_samples]])
+            for name, split_items in splits.items()
+            for g in range(-(-len(split_items) // shard_samples))
+        ]  # fmt: skip
+        options = [classes, shard_samples, shard_bytes, bit_depth, base, old.sha256 if old else None]
+        staging = join_url(out_dir.rstrip("/"), f".writing-ray-{ray_write.fingerprint(groups, options)[:16]}")
+        written, tally, moves, kept = ray_write.write_on_ray(ray, groups, classes, staging, shard_bytes, seen)
+        tmp = None
+        # Staged parts take their final names in order, as the local writer numbers them.
+        written = {
+            name: [(replace(s, url=name_of(name, n)), d) for n, (s, d) in enumerate(parts)]
+            for name, parts in written.items()
+        }
+    else:
+        # Shards are written locally first: inside out_dir on a local disk (so publishing them is a
+        # rename), in a temporary directory for object storage (then uploaded one by one).
+        tmp = tempfile.mkdtemp(prefix=".writing-", dir=root if local else None)
+        try:
+            written, tally, moves = _write_local(
+                splits, keys, classes, jobs_of, tmp, name_of, shard_samples, shard_bytes,
+                workers or os.cpu_count() or 1, seen,
+            )  # fmt: skip
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     try:
-        for name, split_items in splits.items():
-            jobs = [(i, classes.index(i.label), len(classes)) for i in split_items]
-            payloads = pool.imap(_load, jobs, chunksize=16) if pool else map(_load, jobs)
-            samples = _checked(split_items, payloads, classes, key_of, skipped, examples)
-            mb = int(shard_size_mb * 2**20)
-            written[name] = Split(tuple(write_shards(samples, tmp, name, shard_samples, mb)))
-        if not any(s.shards for s in written.values()):  # before anything old is touched
-            raise UserError(f"no readable images among {len(items)} files ({examples[:3]})")
-        old = _remove_index(fs, root, out_dir)
-        for name in sorted(os.listdir(tmp)):
-            if local:
-                os.replace(os.path.join(tmp, name), os.path.join(root, name))
-            else:
-                fs.put_file(os.path.join(tmp, name), f"{root}/{name}")
-        new = {s.url for split in written.values() for s in split.shards}
-        for stale in old - new:  # shards of a replaced data set that the new one lacks
-            fs.rm(f"{root}/{stale}")
+        total = sum(s.num_samples for parts in written.values() for s, _ in parts)
+        if not total and not (old and tally.duplicates):  # before anything old is touched
+            raise UserError(f"no readable images among {len(items)} files ({tally.examples[:3]})")
+        new_shards = [s for parts in written.values() for s, _ in parts]
+        if not total:  # an append of images the data set already holds: nothing changes
+            index = old
+        else:
+            index = publish(
+                fs, root, out_dir, local, old, classes, written, moves, version, base, len(items),
+                tally, extra, masked, bit_depth, held,
+            )  # fmt: skip
     finally:
-        if pool:
-            pool.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
-    info = {"created_by": extra or {}}
-    if masked:
-        info["masks"] = True  # KEY.mask.png where a sample has defect pixels: task=segment can train
-    index = DatasetIndex(classes, written, extra=info)
-    url = join_url(out_dir.rstrip("/"), INDEX_NAME) if not local else os.path.join(root, INDEX_NAME)
-    sha = save_index(index, url)
-    index = DatasetIndex(classes, written, url, sha, index.extra)
-    total = sum(s.num_samples for s in written.values())
-    return WriteReport(index, total, skipped, examples, time.perf_counter() - start)
-
-
-def synthetic_index(
-    num_samples: int, seed: int, image_size: int, cache_dir: str, multi: float = 0.0, large=None
-) -> str:
-    """Where the embedded set with these parameters lives under `cache_dir` (v2: with masks)."""
-    name = f"inspection-v2-n{num_samples}-s{seed}-{image_size}px" + (f"-multi{multi:g}" if multi else "")
-    if large:  # whole large parts (data/synthetic_large.py); image_size does not apply
-        name = f"inspection-large-v1-n{num_samples}-s{seed}-{large[0]}x{large[1]}"
-    return os.path.join(os.path.expanduser(cache_dir), name, INDEX_NAME)
-
-
-def ensure_synthetic(
-    index: str, num_samples: int, seed: int, image_size: int, multi: float = 0.0, large=None
-) -> str:
-    """Write the embedded inspection set to `index`'s directory unless it is already there.
-
-    Safe to call from every rank at once: a lock file lets one process write while the others
-    wait, then find the index."""
-    out_dir = os.path.dirname(os.path.abspath(index))
-    if os.path.exists(index):
-        return index
-    from data.sources import from_synthetic
-
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".lock"), "w") as lock:
-        # Ranks started together (torchrun, SLURM, Ray) queue here; the first one writes.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(index):
-            return index
-        log.info("writing the embedded inspection set (%d images) to %s", num_samples, out_dir)
-        report = write_dataset(
-            from_synthetic(num_samples, seed, image_size, multi, large),
-            out_dir,
-            val_fraction=0.2,
-            seed=seed,
-            shard_samples=50 if large else 500,  # large parts: ~1-2 MB each
-            extra={
-                "synthetic": {
-                    "num_samples": num_samples,
-                    "seed": seed,
-                    "image_size": image_size,
-                    "multi": multi,
-                    **({"large": list(large)} if large else {}),
-                }
-            },
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if ray:
+            fs.rm(fsspec.core.url_to_fs(staging)[1], recursive=True)
+    if bit_depth is None and 0 < tally.deep_bits < 16:
+        log.info(
+            "the 16-bit images' values all fit in %d bits (at most %d), so they decode as 16-bit, dark: "
+            "pass --bit-depth %d if the camera is %d-bit",
+            tally.deep_bits,
+            (1 << tally.deep_bits) - 1,
+            tally.deep_bits,
+            tally.deep_bits,
         )
-    log.info("wrote %d images in %.1f s", report.written, report.seconds)
-    return index
+    return WriteReport(
+        index, total, tally.skipped, tally.examples, time.perf_counter() - start,
+        tally.duplicates, version if total else version - 1, len(new_shards), kept,
+    )  # fmt: skip

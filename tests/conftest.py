@@ -1,5 +1,6 @@
-"""Shared fixtures: real shards written by our writer into tmp dirs, and the real Hydra config
-composed and shrunk (tiny timm model, 32 px, one CPU epoch) the way a user would override it."""
+"""Shared fixtures: real shards written by our writer into tmp dirs, the real Hydra config
+composed and shrunk (tiny timm model, 32 px, one CPU epoch) the way a user would override it, and
+the real servers tests talk to on 127.0.0.1 (a Ray head, an S3-compatible server)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
 from data.sources import from_synthetic
 from data.write import write_dataset
 from train.cli import compose as compose_config
+
+BIN = os.path.dirname(sys.executable)  # this venv's ray, for a head that runs this python
 
 # Tests never touch the user's cache or a tracker server unless they say so.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -153,3 +158,91 @@ def _no_mlflow_uri_between_tests():
     mlflow = sys.modules.get("mlflow")
     if mlflow:
         mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(GCS address, dashboard URL) of a Ray head on 127.0.0.1, with token auth as Ray 2.60 sets it."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    address, dashboard = (
+        os.environ.get("SHARDTRAIN_TEST_RAY_ADDRESS"),
+        os.environ.get("SHARDTRAIN_TEST_RAY_DASHBOARD"),
+    )
+    started = not address
+    if started:
+        port, dport = free_port(), free_port()
+        if not os.path.exists(os.path.expanduser("~/.ray/auth_token")):  # a fresh machine: make one
+            subprocess.run(
+                [f"{BIN}/ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True
+            )
+        subprocess.run(
+            [f"{BIN}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dport}", "--num-cpus=4",
+             "--disable-usage-stats"],
+            check=True, env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dport}"
+    for _ in range(60):  # the job API answers (401 without the token) once the dashboard is up
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            time.sleep(1)
+    yield address, dashboard, env
+    if started:
+        subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    endpoint = os.environ.get("SHARDTRAIN_TEST_S3_ENDPOINT")
+    server = None
+    if not endpoint:
+        port = free_port()
+        moto = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+        server = subprocess.Popen(
+            [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if server:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    import s3fs
+
+    name = f"shardtrain-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem().mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return name

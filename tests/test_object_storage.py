@@ -7,13 +7,8 @@ its own on a free local port.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 
 import pytest
 
@@ -21,58 +16,6 @@ from data import sources
 from data.index import load_index
 from data.write import write_dataset
 from train.run import train
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    endpoint = os.environ.get("SHARDTRAIN_TEST_S3_ENDPOINT")
-    server = None
-    if not endpoint:
-        port = _free_port()
-        moto = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-        server = subprocess.Popen(
-            [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if server:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-@pytest.fixture
-def bucket(s3_endpoint) -> str:
-    import s3fs
-
-    name = f"shardtrain-{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem().mkdir(name)
-    s3fs.S3FileSystem.clear_instance_cache()
-    return name
 
 
 def test_write_straight_to_s3_and_read_back(bucket):
@@ -107,3 +50,23 @@ def test_missing_bucket_is_one_message(s3_endpoint, make_cfg):
 
     with pytest.raises(UserError, match=r"no dataset index at s3://no-such-bucket-here/ds/dataset\.json"):
         build(make_cfg("data.index=s3://no-such-bucket-here/ds"))
+
+
+def test_manifest_and_images_on_s3_write_the_same_shards_as_local_files(bucket, tmp_path):
+    """Sources on object storage: a manifest in the bucket naming images beside it."""
+    import s3fs
+
+    from tests.test_write import make_folder
+
+    src = make_folder(tmp_path / "images", per_class=6)
+    rows = ["path,label,line"] + [f"{p.relative_to(src)},{p.parent.name},3" for p in sorted(src.rglob("*.*"))]
+    (src / "labels.csv").write_text("\n".join(rows) + "\n")
+    s3fs.S3FileSystem().put(str(src), f"{bucket}/raw", recursive=True)
+    remote = write_dataset(
+        sources.from_manifest(f"s3://{bucket}/raw/labels.csv"), str(tmp_path / "a"), workers=1
+    )
+    here = write_dataset(sources.from_manifest(str(src / "labels.csv")), str(tmp_path / "b"), workers=1)
+    assert remote.written == here.written == 12
+    assert [s.sha256 for s in remote.index.split("train").shards] == [
+        s.sha256 for s in here.index.split("train").shards
+    ]

@@ -8,12 +8,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,47 +18,6 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """(GCS address, dashboard URL) of a Ray head on 127.0.0.1, with token auth as Ray 2.60 sets it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    address, dashboard = (
-        os.environ.get("SHARDTRAIN_TEST_RAY_ADDRESS"),
-        os.environ.get("SHARDTRAIN_TEST_RAY_DASHBOARD"),
-    )
-    started = not address
-    if started:
-        port, dport = _free_port(), _free_port()
-        if not os.path.exists(os.path.expanduser("~/.ray/auth_token")):  # a fresh machine: make one
-            subprocess.run(
-                [f"{BIN}/ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True
-            )
-        subprocess.run(
-            [f"{BIN}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dport}", "--num-cpus=4",
-             "--disable-usage-stats"],
-            check=True, env=env, capture_output=True, timeout=120,
-        )  # fmt: skip
-        address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dport}"
-    for _ in range(60):  # the job API answers (401 without the token) once the dashboard is up
-        try:
-            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            time.sleep(1)
-    yield address, dashboard, env
-    if started:
-        subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def cli(tmp_path: Path, index: str, *overrides: str, env: dict, timeout: int = 600):

@@ -233,7 +233,7 @@ def test_unreadable_replacement_leaves_the_old_data_set_intact(tmp_path):
 
 def test_ranks_starting_together_write_the_embedded_set_once(tmp_path):
     index = str(tmp_path / "cache" / "set" / "dataset.json")
-    code = f"from data.write import ensure_synthetic; print(ensure_synthetic({index!r}, 60, 0, 32))"
+    code = f"from data.embedded import ensure_synthetic; print(ensure_synthetic({index!r}, 60, 0, 32))"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(3)

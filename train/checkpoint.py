@@ -5,7 +5,8 @@ Under the key "shardtrain" every checkpoint holds plain data only, so it loads w
 
     {"model": ModelSpec as a dict (backbone, classes, image size, normalisation),
      "run_ids": {"mlflow": "...", "wandb": "..."},
-     "lineage": {"config": resolved config (secrets redacted), "dataset": {"index", "sha256"},
+     "lineage": {"config": resolved config (secrets redacted),
+                 "dataset": {"index", "sha256", and for a data set that grew "version", "version_sha256"},
                  "code_version": "git describe or package version", "packages": {...}}}
 
 The data position is Lightning's own datamodule entry (ShardDataModule.state_dict).
@@ -55,14 +56,21 @@ def file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def lineage(config: dict, index_url: str, index_sha256: str) -> dict:
+def lineage(
+    config: dict, index_url: str, index_sha256: str, version: int | None = None, version_sha256: str = ""
+) -> dict:
     versions = {}
     for name in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return {
         "config": config,
-        "dataset": {"index": index_url, "sha256": index_sha256},
+        "dataset": {
+            "index": index_url,
+            "sha256": index_sha256,
+            # a data set that grows: which version trained, and the sha256 of its shards' listing
+            **({"version": version, "version_sha256": version_sha256} if version else {}),
+        },
         "code_version": code_version(),
         "packages": versions,
     }

@@ -45,6 +45,7 @@ def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
         good=find_good(classes),
         options=task.options(),
         tiles=datamodule.tiling.geometry() if datamodule.tiling else {},
+        bit_depth=datamodule.index.extra.get("bit_depth"),  # 16-bit camera images: predict scales alike
     )
     module = TaskModule(
         Network(backbone, spec),
@@ -108,7 +109,7 @@ def train(
     if datamodule.val_split not in index.splits:
         cfg = without_validation(cfg, datamodule.val_split, index.location, args)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks or [])
-    callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256)))
+    callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256, *datamodule.data_version)))
     callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
     args["plugins"] = [AtomicCheckpointIO(), *args.get("plugins", [])]

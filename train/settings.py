@@ -93,6 +93,7 @@ def _part_size(v: object) -> str | None:
 
 DATA: dict[str, Rule] = {
     "data.index": optional(text),
+    "data.version": optional(POSITIVE),
     "data.batch_size": POSITIVE,
     "data.num_workers": integer(0),
     "data.persistent_workers": flag,
