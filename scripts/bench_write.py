@@ -62,22 +62,23 @@ def main() -> None:
     p.add_argument("--images", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--ray", default="local", help="a cluster address, or local: start one on this machine")
+    p.add_argument("--root", default=bench_data.DEFAULT_ROOT, help="where the image sets are built")
     p.add_argument("--quick", action="store_true", help="400 images, one run: checks the script runs")
     a = p.parse_args()
     if a.quick:
         a.images, a.runs = 400, 1
     cores = os.cpu_count() or 1
-    bench = bench_data.build("large", a.images, seed=0)
+    bench = bench_data.build("large", a.images, seed=0, root=a.root)
     work = tempfile.mkdtemp(prefix="bench-write-")
     try:
         query = _sqlite(bench.folder, os.path.join(work, "shots.db"))
-        extra = bench_data.build("large", a.images // 10, seed=1)  # a tenth more, other images
+        extra = bench_data.build("large", a.images // 10, seed=1, root=a.root)  # a tenth more, other images
 
         import ray
 
         start = time.perf_counter()
         ray.init(
-            address=None if a.ray == "local" else a.ray,
+            address=a.ray,  # "local": a new instance of its own, even beside a running cluster
             num_cpus=cores if a.ray == "local" else None,
             logging_level="WARNING",
             log_to_driver=False,

@@ -127,3 +127,11 @@ def test_bench_tiles_writes_the_four_sections(tmp_path):
     assert loader["loader_tiles"] > 0 and loader["tight_tiles_per_s"] > 0 and loader["ratio"] > 0, loader
     assert rss["main_peak_mb"] > 0 and rss["worker_peak_mb"] > 0 and rss["decoded_image_mb"] > 0, rss
     assert latency["checkpoint_ms"] > 0 and latency["onnx_ms"] > 0 and latency["tiles_per_image"] > 0, latency
+
+
+def test_bench_write_reports_both_writers_and_the_append(tmp_path):
+    out = run("bench_write.py", "--quick", "--root", str(tmp_path / "bench"), cwd=tmp_path)
+    figures = json.loads(out.strip().splitlines()[-1])
+    for key in ("ray_over_local", "sql_over_folder", "append_over_rewrite", "local_images_per_s"):
+        assert figures[key] > 0, key
+    assert figures["images"] == 400 and figures["appended"] == 40
