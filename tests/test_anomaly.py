@@ -138,12 +138,20 @@ def test_draem_learns_good_parts_from_scratch_and_round_trips(tmp_path, pits, dr
         load_model(model_ckpt).predict(images),
         load_model(f"{tmp_path}/bundle").predict(images),
     )
+    # The threshold is one of these test parts' own scores: a part that sits on it is a tie that the
+    # last bit of float arithmetic decides (it went either way on a fresh install in CI).
+    ties = 0
     for a, b, image in zip(from_ckpt, from_bundle, images):
         assert set(a) == {"label", "defect_score", "defect", "anomaly_map", "raw_score"}
         assert a["anomaly_map"].shape == (image.height, image.width) and a["anomaly_map"].dtype == np.float32
-        assert a["label"] == ("defect" if a["defect"] else "good") == b["label"]
+        assert a["label"] == ("defect" if a["defect"] else "good")
         assert a["defect_score"] == pytest.approx(b["defect_score"], abs=1e-4)
         assert np.abs(a["anomaly_map"] - b["anomaly_map"]).max() <= 1e-4
+        if abs(a["defect_score"] - info["decision"]["threshold"]) <= 1e-4:
+            ties += 1
+        else:
+            assert a["label"] == b["label"]
+    assert ties <= 1
 
 
 def test_a_split_of_good_parts_only_sets_the_threshold_by_false_alarms(tmp_path, pits, draem):
