@@ -6,6 +6,8 @@ the same number of batches, and a resumed run can rebuild the plan and skip exac
 consumed.
 
     shards ──shuffle(seed, epoch)──▶ one global order of (shard, sample); a position is an index in it
+           (data.mix: each source's share of the epoch drawn as whole shards, see `Mix`;
+           data.shuffle_block: samples shuffled within blocks of positions that span shards)
            ──minus what earlier parts of the epoch trained (elastic resume only)──▶ the pool
            ──cut──▶ equal contiguous pieces per rank (train: the tail under world × batch dropped)
            ──cut──▶ contiguous runs of whole batches per worker (reads stay sequential in a shard)
@@ -28,7 +30,30 @@ from functools import lru_cache
 
 import numpy as np
 
-Sample = tuple[int, int]  # (shard number in the index, sample number inside that shard)
+# (shard number in the index, sample number inside that shard). An up-sampled source reads a
+# shard of n samples again within one epoch: its samples then count on past n (i = repeat × n + j
+# for sample j), so every planned sample stays distinct and is read from its own pass.
+Sample = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Several data sets in one plan, drawn by weight (data/mix.py builds it from data.mix).
+
+    Source k owns the shards [bounds[k], bounds[k+1]) of the plan's list and gives `counts[k]`
+    samples to every epoch: its shards in an order drawn from (seed, epoch, k), taken whole, the
+    last one cut short; a source that gives more samples than it holds is read again (a repeat, in
+    a fresh order). Whole shards keep reads sequential, and over epochs every sample of a
+    down-sampled source comes round equally often. The runs of all sources are then shuffled
+    together, so the epoch interleaves sources at shard granularity; the shuffle buffer (or a block
+    shuffle) mixes them within batches.
+    """
+
+    bounds: tuple[int, ...]  # K + 1 shard numbers: where each source's shards start, then the end
+    counts: tuple[int, ...]  # samples per epoch of each source
+
+    def source_of(self, shard: int) -> int:
+        return int(np.searchsorted(self.bounds, shard, side="right")) - 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +82,13 @@ class EpochPlan:
     drop_last: bool = True  # train: equal full batches per rank; eval: every sample once
     buffer_size: int = 0  # within-worker shuffle buffer, samples
     before: tuple[Part, ...] = ()  # parts of this epoch already trained (elastic resume)
+    mix: Mix | None = None  # several weighted data sets (training only)
+    block: int = 0  # training: positions shuffled within blocks of this many samples (0: not)
+
+    @property
+    def length(self) -> int:
+        """Samples in the epoch's global order."""
+        return sum(self.mix.counts) if self.mix and self.shuffle else sum(self.shard_sizes)
 
     def shard_order(self) -> np.ndarray:
         """The epoch's shard order: shuffled as a whole from (seed, epoch); samples keep file order."""
@@ -65,25 +97,34 @@ class EpochPlan:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
         return order
 
+    def runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's global order as runs of consecutive samples: (shard, first sample, length)
+        per run, int64 (R,) each. Without a mix, each shard whole in `shard_order()`."""
+        if self.mix and self.shuffle:
+            return _mix_runs(self.shard_sizes, self.mix, self.seed, self.epoch)
+        order = self.shard_order()
+        return order, np.zeros_like(order), np.asarray(self.shard_sizes, dtype=np.int64)[order]
+
     def samples_at(self, positions: Sequence[int]) -> list[Sample]:
         """The (shard, sample) at each position of the epoch's global order."""
-        order = self.shard_order()
-        sizes = np.asarray(self.shard_sizes, dtype=np.int64)[order]
-        ends = np.cumsum(sizes)
+        shards, starts, lengths = self.runs()
+        ends = np.cumsum(lengths)
         pos = np.asarray(positions, dtype=np.int64)
+        if self.block > 1 and self.shuffle:
+            pos = _blocks_shuffled(pos, self.block, self.length, self.seed, self.epoch)
         k = np.searchsorted(ends, pos, side="right")
-        return list(zip(order[k].tolist(), (pos - ends[k] + sizes[k]).tolist()))
+        return list(zip(shards[k].tolist(), (starts[k] + pos - ends[k] + lengths[k]).tolist()))
 
     def pool(self) -> np.ndarray | None:
         """Positions this plan cuts up, ascending: those the earlier parts left (None: all)."""
         if not self.before:
             return None
-        return _untrained(self.shard_sizes, self.seed, self.epoch, self.shuffle, self.before)
+        return _untrained(replace(self, world_size=1, rank=0, before=()), self.before)
 
     def rank_range(self) -> tuple[int, int]:
         """[start, stop) of this rank's piece of the pool."""
         pool = self.pool()
-        total = sum(self.shard_sizes) if pool is None else len(pool)
+        total = self.length if pool is None else len(pool)
         if self.drop_last:
             per_rank = total // (self.world_size * self.batch_size) * self.batch_size
             return self.rank * per_rank, (self.rank + 1) * per_rank
@@ -128,29 +169,70 @@ class EpochPlan:
 
 
 @lru_cache(maxsize=4)  # every worker asks once per part; a plan object is rebuilt per pass
-def _untrained(
-    shard_sizes: tuple[int, ...], seed: int, epoch: int, shuffle: bool, before: tuple[Part, ...]
-) -> np.ndarray:
-    left = np.ones(sum(shard_sizes), dtype=bool)
+def _untrained(base: EpochPlan, before: tuple[Part, ...]) -> np.ndarray:
+    """Positions of `base`'s epoch that the `before` parts left untrained, ascending."""
+    left = np.ones(base.length, dtype=bool)
     for k, part in enumerate(before):
         for rank in range(part.world_size):
-            plan = EpochPlan(
-                shard_sizes,
-                part.batch_size,
-                seed,
-                epoch,
-                part.world_size,
-                rank,
-                part.num_workers,
-                shuffle,
-                True,
-                part.buffer_size,
-                before[:k],
+            plan = replace(
+                base,
+                batch_size=part.batch_size,
+                world_size=part.world_size,
+                rank=rank,
+                num_workers=part.num_workers,
+                drop_last=True,
+                buffer_size=part.buffer_size,
+                before=before[:k],
             )
             done = consumed_per_worker(plan.batches_per_worker(), part.batches)
             for worker, batches in enumerate(done):
                 left[plan.worker_positions(worker)[: batches * part.batch_size]] = False
     return np.flatnonzero(left)
+
+
+@lru_cache(maxsize=4)  # every position lookup of a pass needs the same runs
+def _mix_runs(
+    shard_sizes: tuple[int, ...], mix: Mix, seed: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    runs: list[tuple[int, int, int]] = []
+    for k, want in enumerate(mix.counts):
+        own = np.arange(mix.bounds[k], mix.bounds[k + 1])
+        if want and not sizes[own].sum():
+            raise ValueError(f"source {k} of the mix has no samples to give {want}")
+        repeat = 0
+        while want > 0:  # one pass over the source's shards per repeat, each in a fresh order
+            for shard in own[np.random.default_rng([seed, epoch, k + 1, repeat]).permutation(len(own))]:
+                take = int(min(sizes[shard], want))
+                if take:
+                    runs.append((int(shard), repeat * int(sizes[shard]), take))
+                    want -= take
+                if not want:
+                    break
+            repeat += 1
+    table = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    table = table[np.random.default_rng([seed, epoch]).permutation(len(table))]
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
+def _blocks_shuffled(pos: np.ndarray, block: int, length: int, seed: int, epoch: int) -> np.ndarray:
+    """Each position's place in the order before the block shuffle: positions are permuted
+    within consecutive blocks of `block` (the last block may be shorter), so samples of the
+    several shards a block spans mix evenly."""
+    out = np.empty_like(pos)
+    index = pos // block
+    for b in np.unique(index):
+        here = index == b
+        start = int(b) * block
+        out[here] = (
+            start + _block_permutation(seed, epoch, int(b), min(block, length - start))[pos[here] - start]
+        )
+    return out
+
+
+@lru_cache(maxsize=8)
+def _block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0, block]).permutation(size)
 
 
 def buffer_shuffle(items: Sequence, size: int, rng: np.random.Generator) -> list:

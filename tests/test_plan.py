@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from data.plan import EpochPlan, Part, buffer_shuffle, consumed_per_worker
+from data.plan import EpochPlan, Mix, Part, buffer_shuffle, consumed_per_worker
 
 SHARD_SETS = [(5,), (3, 7, 1, 9), (100, 1, 1, 50, 2), (4, 4, 4, 4, 4, 4, 4, 4), (1, 1)]
 
@@ -16,9 +16,9 @@ def all_samples(sizes):
     return {(s, i) for s, n in enumerate(sizes) for i in range(n)}
 
 
-def rank_reads(sizes, world, workers, batch, train, epoch=0, before=(), buffer=5, consumed=0):
+def rank_reads(sizes, world, workers, batch, train, epoch=0, before=(), buffer=5, consumed=0, **kw):
     """Per rank: the batches its workers yield after `consumed`, in the order the DataLoader
-    hands them over."""
+    hands them over (`kw`: the plan's mix and block)."""
     out = []
     for rank in range(world):
         plan = EpochPlan(
@@ -33,6 +33,7 @@ def rank_reads(sizes, world, workers, batch, train, epoch=0, before=(), buffer=5
             drop_last=train,
             buffer_size=buffer,
             before=before,
+            **kw,
         )
         per_worker = [plan.worker_samples(w, consumed) for w in range(max(1, workers))]
         batches = [[ws[i : i + batch] for i in range(0, len(ws), batch)] for ws in per_worker]
@@ -119,16 +120,32 @@ LAYOUTS = [  # (world size, workers, batch size, shuffle buffer)
 ]
 
 
-@pytest.mark.parametrize("sizes", [(13, 8, 21, 5, 40, 1, 9), (60,), tuple([7] * 11)])
+ORDERS = {  # how the epoch's global order is drawn: whole shards; blocks; two weighted sources
+    "shards": {},
+    "blocks": {"block": 10},
+    "mix": {"mix": Mix(bounds=(0, 2, 4), counts=(30, 70))},
+}
+
+
+@pytest.mark.parametrize(
+    ("sizes", "order"),
+    [
+        (sizes, order)
+        for sizes in [(13, 8, 21, 5, 40, 1, 9), (60,), tuple([7] * 11)]
+        for order in ORDERS
+        if order != "mix" or len(sizes) >= 4  # the mix takes two shards per source
+    ],
+)
 @pytest.mark.parametrize("first", LAYOUTS)
 @pytest.mark.parametrize("second", LAYOUTS)
-def test_elastic_resume_trains_the_rest_of_the_epoch_exactly_once(sizes, first, second):
+def test_elastic_resume_trains_the_rest_of_the_epoch_exactly_once(sizes, order, first, second):
     """Stop at a random position under one layout, resume under another: what the first part
     trained plus what the second trains is every sample at most once, and only the tail under
     one global batch of the new layout is left out."""
+    kw = ORDERS[order]
     rng = np.random.default_rng(hash((sizes, first, second)) % 2**32)
     world, workers, batch, buffer = first
-    full = rank_reads(sizes, world, workers, batch, train=True, epoch=3, buffer=buffer)
+    full = rank_reads(sizes, world, workers, batch, train=True, epoch=3, buffer=buffer, **kw)
     if not full[0]:
         pytest.skip("the first layout has no batch for this data set")
     stop = int(rng.integers(1, len(full[0]) + 1))
@@ -136,13 +153,14 @@ def test_elastic_resume_trains_the_rest_of_the_epoch_exactly_once(sizes, first, 
     part = Part(world, workers, batch, buffer, stop)
 
     world, workers, batch, buffer = second
-    rest = rank_reads(sizes, world, workers, batch, train=True, epoch=3, before=(part,), buffer=buffer)
+    rest = rank_reads(sizes, world, workers, batch, train=True, epoch=3, before=(part,), buffer=buffer, **kw)
     assert len({len(r) for r in rest}) == 1  # equal batch counts per rank again
     assert all(len(b) == batch for r in rest for b in r)
     resumed = [s for r in rest for b in r for s in b]
     both = trained + resumed
     assert len(both) == len(set(both))
-    assert 0 <= sum(sizes) - len(both) < world * batch
+    length = sum(kw["mix"].counts) if "mix" in kw else sum(sizes)
+    assert 0 <= length - len(both) < world * batch
 
 
 def test_elastic_resume_can_be_resumed_again_mid_part():
@@ -169,3 +187,83 @@ def test_elastic_part_keeps_reads_sequential_within_shards():
     for w in range(2):
         mine = plan.worker_samples(w)
         assert mine == sorted(mine, key=lambda s: (order.index(s[0]), s[1]))
+
+
+def source_counts(samples, sizes, mix):
+    """Samples per source, and how often each underlying (shard, sample) was drawn."""
+    per_source = [0] * len(mix.counts)
+    drawn: dict = {}
+    for shard, i in samples:
+        per_source[mix.source_of(shard)] += 1
+        key = (shard, i % sizes[shard])
+        drawn[key] = drawn.get(key, 0) + 1
+    return per_source, drawn
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mix_gives_each_source_its_share_up_or_down(world, workers):
+    """Source A (3 shards, 30 samples) gives 12 a epoch: down-sampled, each sample at most once.
+    Source B (2 shards, 10 samples) gives 25: read two and a half times, each sample 2 or 3 times,
+    every draw a distinct planned sample, so the stream reads each from its own pass."""
+    sizes = (10, 10, 10, 5, 5)
+    mix = Mix(bounds=(0, 3, 5), counts=(12, 25))
+    reads = rank_reads(sizes, world, workers, 1, train=True, mix=mix)
+    flat = [s for r in reads for b in r for s in b]
+    assert len(flat) == len(set(flat)) == 37 - 37 % world
+    per_source, drawn = source_counts(flat, sizes, mix)
+    if world == 1:
+        assert per_source == [12, 25]
+        assert sorted(n for (shard, _), n in drawn.items() if shard >= 3) == [2] * 5 + [3] * 5
+        assert max(n for (shard, _), n in drawn.items() if shard < 3) == 1
+    assert all(i < 3 * sizes[shard] for shard, i in flat)
+
+
+def test_a_mix_changes_per_epoch_repeats_per_seed_and_comes_round_evenly():
+    sizes = tuple([10] * 20 + [10] * 5)
+    mix = Mix(bounds=(0, 20, 25), counts=(60, 40))  # A down to 0.3 of itself, B under 1
+    epochs = [EpochPlan(sizes, 4, seed=1, epoch=e, mix=mix).samples_at(range(100)) for e in range(20)]
+    assert epochs[0] == EpochPlan(sizes, 4, seed=1, epoch=0, mix=mix).samples_at(range(100))
+    assert epochs[0] != epochs[1]
+    assert epochs[0] != EpochPlan(sizes, 4, seed=2, epoch=0, mix=mix).samples_at(range(100))
+    seen = np.zeros(200, int)  # A's 200 samples over 20 epochs of 60 draws: 6 times each on average
+    for samples in epochs:
+        for shard, i in samples:
+            if shard < 20:
+                seen[shard * 10 + i] += 1
+    assert seen.sum() == 1200 and seen.min() >= 1 and seen.max() <= 12
+
+
+def test_eval_plans_ignore_the_mix():
+    """Validation reads every sample of every source once: weights are for training."""
+    sizes = (4, 6, 5)
+    mix = Mix(bounds=(0, 2, 3), counts=(50, 1))
+    reads = rank_reads(sizes, 2, 1, 4, train=False, mix=mix)
+    assert sorted(s for r in reads for b in r for s in b) == sorted(all_samples(sizes))
+
+
+@pytest.mark.parametrize("sizes", SHARD_SETS)
+@pytest.mark.parametrize("block", [2, 7, 64])
+def test_block_shuffle_keeps_every_sample_once_and_stays_in_its_block(sizes, block):
+    plain = EpochPlan(sizes, 1, seed=3, epoch=1)
+    shuffled = EpochPlan(sizes, 1, seed=3, epoch=1, block=block)
+    n = sum(sizes)
+    before = plain.samples_at(range(n))
+    after = shuffled.samples_at(range(n))
+    assert sorted(after) == sorted(before)
+    place = {s: p for p, s in enumerate(before)}
+    assert all(place[s] // block == p // block for p, s in enumerate(after))
+
+
+def test_block_shuffle_mixes_shards_a_buffer_cannot():
+    """Shards of 1,000 samples (each one class, as a tool writing class by class makes them):
+    a buffer of 100 leaves batches of 32 drawn from one or two shards; blocks of 4 shards mix them."""
+    sizes = tuple([1000] * 8)
+
+    def shards_per_batch(plan):
+        samples = plan.worker_samples(0)
+        return np.mean([len({s for s, _ in samples[i : i + 32]}) for i in range(0, len(samples), 32)])
+
+    buffered = shards_per_batch(EpochPlan(sizes, 32, buffer_size=100))
+    blocks = shards_per_batch(EpochPlan(sizes, 32, buffer_size=100, block=4000))
+    assert buffered < 1.5 and blocks > 3.5
