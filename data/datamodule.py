@@ -12,12 +12,15 @@ import lightning.pytorch as L
 
 from data import targets
 from data.audit import Audit, continue_audit
+from data.cache import CacheConfig, check_cache
 from data.embedded import ensure_synthetic, synthetic_index
 from data.errors import UserError
 from data.index import DatasetIndex, load_index
 from data.loader import PlannedLoader
+from data.mix import Source, epoch_mix, open_mix, targets_of
 from data.plan import EpochPlan, Part
-from data.stream import ShardStream
+from data.position import ORDER, continue_epoch
+from data.stream import ShardSet, ShardStream
 from data.tile_stream import TileCutter, TileTransform
 from data.tiles import Slots, tiling_from
 from data.transforms import EvalTransform, TrainTransform
@@ -39,7 +42,9 @@ class ShardDataModule(L.LightningDataModule):
     `synthetic` (num_samples, seed, image_size, cache_dir) is used, and `prepare_data` writes it
     on first use. A given index is never generated over. `target` and `eval_fit` come from the
     task: what each sample's target is, and how evaluation fits an image to the input size;
-    `augment` too (False: training reads images through the eval transform).
+    `augment` too (False: training reads images through the eval transform). `mix` trains on several
+    data sets by weight instead of `index` (data/mix.py); `cache_dir` reads shards on object storage
+    through the machine's shard cache (data/cache.py).
     """
 
     def __init__(
@@ -70,6 +75,14 @@ class ShardDataModule(L.LightningDataModule):
         vflip: float = 0.0,
         val_batch_size: int | None = None,
         version: int | None = None,
+        mix: list[dict] | None = None,
+        epoch_samples: int | None = None,
+        shuffle_block: int = 0,
+        cache_dir: str | None = None,
+        cache_limit: int | str | None = None,
+        prefetch: int = 2,
+        cache_verify: bool = False,
+        cache_policy: Literal["plan", "lru"] = "plan",
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -90,7 +103,11 @@ class ShardDataModule(L.LightningDataModule):
         # Whole parts of 5-50 MP are 15-150 MB each once decoded: validated a few at a time.
         self.val_batch_size = val_batch_size or (1 if self.tiling else batch_size)
         self.target = target  # what the task learns: set by the task (train/tasks), not by config
-        self.synthetic = dict(synthetic) if index is None and synthetic else None
+        self.synthetic = dict(synthetic) if index is None and synthetic and not mix else None
+        self.mix = [dict(e) for e in mix] if mix else None  # train/settings.py: not with data.index
+        self.sources: list[Source] = []  # the mix's data sets, once the index is read
+        self.epoch_samples, self.shuffle_block = epoch_samples, shuffle_block
+        self.cache = CacheConfig.of(cache_dir, cache_limit, prefetch, cache_verify, cache_policy)
         self._index_url = None if index is None else str(index)
         self.version = version  # of a data set that grew (data/versions.py); None: the latest
         self._resume: dict | None = None  # a checkpoint's position, until its epoch starts
@@ -120,9 +137,14 @@ class ShardDataModule(L.LightningDataModule):
 
     @cached_property
     def index(self) -> DatasetIndex:
-        self.prepare_data()
-        index = at_version(load_index(self.index_url), self.version)
-        targets.check_index(index, self.target)
+        if self.mix:
+            self.sources, index = open_mix(self.mix, self.target)
+        else:
+            self.prepare_data()
+            index = at_version(load_index(self.index_url), self.version)
+            targets.check_index(index, self.target)
+        if self.cache:
+            check_cache(self.cache, index)
         return index
 
     @property
@@ -135,7 +157,13 @@ class ShardDataModule(L.LightningDataModule):
     def classes(self) -> tuple[str, ...]:
         return self.index.classes
 
-    def _plan(self, split: str, train: bool) -> tuple[list[str], EpochPlan, Slots | None]:
+    @property
+    def val_sources(self) -> tuple[str, ...]:
+        """The mix's sources that validation reads (those with the val split), by name."""
+        self.index  # noqa: B018 (the sources are known once the index is read)
+        return tuple(s.name for s in self.sources if self.val_split in s.index.splits)
+
+    def _plan(self, split: str, train: bool) -> tuple[ShardSet, EpochPlan, Slots | None]:
         shards = self.index.split(split).shards
         trainer = self.trainer
         sizes = tuple(s.num_samples for s in shards)
@@ -143,6 +171,7 @@ class ShardDataModule(L.LightningDataModule):
         if train and self.tiling:  # the plan's samples are tiles
             slots = Slots(self.tiling, sizes, [s.sizes for s in shards])
             sizes = slots.per_shard
+        mixed = epoch_mix(self.sources, split, sizes, self.epoch_samples) if train else None
         plan = EpochPlan(
             shard_sizes=sizes,
             batch_size=self.batch_size if train else self.val_batch_size,
@@ -153,33 +182,40 @@ class ShardDataModule(L.LightningDataModule):
             shuffle=train,
             drop_last=train,
             buffer_size=self.shuffle_buffer if train else 0,
+            mix=mixed,
+            block=self.shuffle_block if train else 0,
         )
         if train and len(plan) == 0:
-            n = sum(plan.shard_sizes)
             raise UserError(
                 f"data.batch_size={self.batch_size} × {plan.world_size} ranks is more than the "
-                f"{n} samples of split {split!r}: lower data.batch_size"
+                f"{plan.length} samples of split {split!r}: lower data.batch_size"
             )
-        return [self.index.shard_url(s) for s in shards], plan, slots
+        return ShardSet.of(self.index, split, self.sources), plan, slots
 
     def _loader(self, split: str, train: bool) -> PlannedLoader:
-        urls, plan, slots = self._plan(split, train)
+        shard_set, plan, slots = self._plan(split, train)
         depth = self.index.extra.get("bit_depth")  # 16-bit images' depth, from dataset.json (None: own)
         transform = self.train_transform if train else self.eval_transform
         if isinstance(transform, TrainTransform | EvalTransform):  # tiles: the cutter decodes
             transform = replace(transform, bit_depth=depth)
-        reader = targets.reader(self.target, self.index.labels, train)
-        cut = (
-            TileCutter(self.tiling, transform, reader, self.target, self.classes, self.seed, depth)
-            if slots
-            else None
+        reader = targets_of(self.sources, self.index, self.target, train)
+        cut = slots and TileCutter(
+            self.tiling, transform, reader, self.target, self.classes, self.seed, depth
         )
         if train:
             settle, length = self._settle, lambda: self._length(plan)
         else:
             settle, length = (lambda p: (p, 0, 0)), (lambda: len(plan))
         return PlannedLoader(
-            ShardStream(urls, plan, transform, reader, self.missing_shards, (slots, cut) if slots else None),
+            ShardStream(
+                shard_set,
+                plan,
+                transform,
+                reader,
+                self.missing_shards,
+                (slots, cut) if slots else None,
+                self.cache,
+            ),
             settle,
             length,
             num_workers=self.num_workers,
@@ -213,46 +249,10 @@ class ShardDataModule(L.LightningDataModule):
         return offset + len(plan)
 
     def _position(self, plan: EpochPlan, epoch: int | None = None) -> tuple[EpochPlan, int, int]:
-        """(plan, offset, consumed) where a saved mid-epoch position continues `plan`'s epoch:
-        the same plan at `consumed` batches if the layout is unchanged; otherwise (elastic) the
-        part already trained is taken out and the rest of the epoch is cut for this layout, with
-        Lightning's batch count going on from `offset`. `epoch` None: trust the saved epoch (the
-        loader's length is asked before Lightning restores which epoch it is)."""
-        saved = self._resume
-        if not saved or saved["epoch"] != (saved["epoch"] if epoch is None else epoch):
-            return plan, 0, 0
-        plan = replace(plan, epoch=saved["epoch"], before=tuple(Part(**p) for p in saved.get("parts", ())))
-        offset = saved.get("offset", 0)
-        part = Part(
-            saved["world_size"],
-            saved["num_workers"],
-            saved["batch_size"],
-            saved["shuffle_buffer"],
-            saved["batches"] - offset,
-        )
-        trained = replace(
-            plan,
-            world_size=part.world_size,
-            num_workers=part.num_workers,
-            batch_size=part.batch_size,
-            buffer_size=part.buffer_size,
-        )
-        if part.batches >= len(trained) or not (part.batches or plan.before):
-            return replace(plan, before=()), 0, 0  # at an epoch's end or start: nothing to continue
-        for key, now in (
-            ("seed", self.seed),
-            ("index_sha256", self.data_version[1]),
-            ("tiles", self._tiles()),
-        ):
-            if saved.get(key) != now:
-                # Both reorder the epoch itself, so the samples already trained cannot be told.
-                raise UserError(
-                    f"cannot resume mid-epoch with a changed {key} ({saved.get(key)} -> {now}): resume "
-                    "with the original one, or from an end-of-epoch checkpoint"
-                )
-        if trained == plan:
-            return plan, offset, part.batches
-        return plan.resumed(part), saved["batches"], 0
+        """(plan, offset, consumed) where a saved mid-epoch position continues `plan`'s epoch
+        (data/position.py)."""
+        now = {k: v for k, v in self._plan_inputs().items() if k in ORDER}
+        return continue_epoch(plan, self._resume, now, epoch)
 
     @property
     def audit(self) -> Audit | None:
@@ -301,6 +301,9 @@ class ShardDataModule(L.LightningDataModule):
             "shuffle_buffer": self.shuffle_buffer,
             "index_sha256": self.data_version[1],
             "tiles": self._tiles(),
+            # the sources and weights are in the mixed index's sha256; the epoch's length is not
+            "mix": {"epoch_samples": self.epoch_samples} if self.sources or self.epoch_samples else None,
+            "shuffle_block": self.shuffle_block,
         }
 
     def _tiles(self) -> dict | None:

@@ -1,18 +1,21 @@
 """Planned samples → decoded uint8 batches, as small generator stages inside one loader worker.
 
     plan.worker_samples()        (shard, sample) in the order this worker yields them
-      └─ read_planned           {"__key__", "__url__", "jpg", "cls", ...} raw bytes from the tars
-         └─ decode_samples      (uint8 (3, S, S) image, target, key), or None where a sample
-            │                   cannot train (counted per reason and shard); the target is the
-            │                   task's (data/targets.py): class index, multi-hot, or mask
-            └─ batched          one batch per planned group: (uint8 (b, 3, S, S), targets
-                                (int64 (b,), float (b, C), uint8 (b, H, W) or a list of masks
-                                of their images' sizes), b keys, bad counts since the last
-                                batch), b <= B
+      └─ read_planned           {"__key__", "__url__", "__shard__", "jpg", "cls", ...} raw bytes
+         │                      from the tars, each shard opened once per pass: from local disk,
+         │                      through the machine's shard cache (data/cache.py), or streamed
+         │                      from object storage in ranged GETs (data/remote.py)
+         └─ tag_sources         a data.mix: each sample's source, keys NAME:KEY (data/mix.py)
+            └─ decode_samples   (uint8 (3, S, S) image, target, key), or None where a sample
+               │                cannot train (counted per reason and shard); the target is the
+               │                task's (data/targets.py): class index, multi-hot, or mask
+               └─ batched       one batch per planned group (data/batching.py): (uint8
+                                (b, 3, S, S), targets (int64 (b,), float (b, C), uint8 (b, H, W)
+                                or a list of masks of their images' sizes), b keys, bad counts
+                                since the last batch), b <= B
 
-Tars are opened through fsspec, so local paths and s3:// / gs:// / https:// read alike, and parsed
-by data/tar.py (webdataset's file grouping, a faster header parser): nothing in a shard is
-unpickled or executed.
+Tars are parsed by data/tar.py (webdataset's file grouping, a faster header parser): nothing in a
+shard is unpickled or executed.
 """
 
 from __future__ import annotations
@@ -20,14 +23,21 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data import remote
 from data import samples as shard_samples
+from data.batching import batched
+from data.cache import CacheConfig, ShardCache, ShardRef
 from data.errors import UserError
+from data.index import DatasetIndex
+from data.mix import Source, shard_sources, tag_sources
 from data.plan import EpochPlan, Sample
 from data.samples import BadSample, is_left_out
 from data.tile_stream import TileCutter, image_order, tile_items
@@ -66,55 +76,92 @@ class BadSamples:
         return out
 
 
-def _tar_samples(url: str) -> Generator[tuple[int, dict]]:
-    """(sample number in the shard, sample) in file order."""
-    yield from enumerate(shard_samples.read_shard(url))
+Opener = Callable[[int, int], AbstractContextManager[BinaryIO]]  # (shard, position) → its bytes
+
+
+def _tar_samples(
+    url: str, opening: Callable[[], AbstractContextManager[BinaryIO]]
+) -> Generator[tuple[int, dict]]:
+    """(sample number in the shard, sample) in file order; the shard is opened at the first one,
+    so a missing shard raises where samples are asked for."""
+    with opening() as f:
+        yield from enumerate(shard_samples.tar_samples(f, url))
+
+
+def passes(samples: Sequence[Sample], sizes: Sequence[int] | None) -> list[tuple[int, int]]:
+    """(shard, position of its first planned sample) per pass over a shard, in order of first
+    need. A shard read again within the epoch (an up-sampled source) is a pass of its own."""
+    first: dict[tuple[int, int], int] = {}
+    for at, (shard, i) in enumerate(samples):
+        first.setdefault((shard, i // sizes[shard] if sizes else 0), at)
+    return [(shard, at) for (shard, _), at in first.items()]
 
 
 def read_planned(
-    samples: Sequence[Sample], urls: Sequence[str], bad: BadSamples, missing: str = "fail"
+    samples: Sequence[Sample],
+    urls: Sequence[str],
+    bad: BadSamples,
+    missing: str = "fail",
+    sizes: Sequence[int] | None = None,
+    opener: Opener | None = None,
 ) -> Iterator[dict | None]:
-    """Yield the planned samples in plan order, reading every shard front to back once.
+    """Yield the planned samples in plan order, each tagged with its shard (`__shard__`), reading
+    every shard front to back once per pass.
 
     Samples a shard holds before the one asked for are kept only if the plan wants them later
     (the shuffle buffer bounds how many), so memory stays flat and reads stay sequential. A shard
     listed in the index but missing is an error, or with `missing="skip"` its samples are bad.
+    `sizes` (samples per shard) tells passes apart: sample i of a shard of n is sample i % n of
+    pass i // n (data/plan.py). `opener` opens a shard (default: by its URL, data/remote.py).
     """
+    opener = opener or (lambda shard, at: remote.open_shard(urls[shard]))
     wanted = set(samples)
-    left = Counter(s for s, _ in samples)  # per shard: planned samples not yet yielded
-    readers: dict[int, Generator[tuple[int, dict]]] = {}
+    # Per pass: planned samples not yet read from the file. At 0 the file is closed (and a cached
+    # shard unpinned), though the shuffle buffer may yield the last of them much later.
+    unread = Counter((s, i // sizes[s] if sizes else 0) for s, i in samples)
+    readers: dict[tuple[int, int], Generator[tuple[int, dict]]] = {}
     stash: dict[Sample, dict] = {}
-    ended: dict[int, str] = {}  # shards that stopped early, and why: the rest of each is lost
-    for shard, i in samples:
-        while (shard, i) not in stash and shard not in ended:
-            reader = readers.setdefault(shard, _tar_samples(urls[shard]))
+    ended: dict[tuple[int, int], str] = {}  # passes that stopped early, and why: the rest is lost
+    for at, (shard, i) in enumerate(samples):
+        run = (shard, i // sizes[shard] if sizes else 0)
+        offset = run[1] * sizes[shard] if sizes else 0
+        while (shard, i) not in stash and run not in ended:
+            reader = readers.get(run)
+            if reader is None:
+                reader = readers[run] = _tar_samples(urls[shard], lambda s=shard, a=at: opener(s, a))
             try:
                 j, sample = next(reader)
             except FileNotFoundError:
+                readers.pop(run)
                 if missing != "skip":
                     raise UserError(
                         f"shard {urls[shard]} is listed in the index but missing (restore it, "
                         "or rewrite the data set; data.missing_shards=skip trains without it)"
                     ) from None
-                ended[shard] = "missing shard"
+                ended[run] = "missing shard"
                 log.warning("shard %s is listed in the index but missing: skipping it", urls[shard])
                 break
             except StopIteration:
-                ended[shard] = "shard shorter than its index"
+                readers.pop(run)
+                ended[run] = "shard shorter than its index"
                 break
-            except Exception as e:  # truncated or corrupt tar
-                ended[shard] = "unreadable tar"
+            except UserError:
+                raise
+            except Exception as e:  # truncated or corrupt tar, or storage that stopped answering
+                readers.pop(run).close()
+                ended[run] = "unreadable tar"
                 log.warning("shard %s stops early: %s", urls[shard], e)
                 break
-            if (shard, j) in wanted:
-                stash[(shard, j)] = sample
-        left[shard] -= 1
-        if left[shard] == 0 and shard in readers:
-            readers.pop(shard).close()
+            if (shard, j + offset) in wanted:
+                sample["__shard__"] = shard
+                stash[(shard, j + offset)] = sample
+                unread[run] -= 1
+                if unread[run] == 0:
+                    readers.pop(run).close()
         if (shard, i) in stash:
             yield stash.pop((shard, i))
         else:
-            bad(ended[shard], urls[shard], f"#{i}")
+            bad(ended[run], urls[shard], f"#{i % sizes[shard] if sizes else i}")
             yield None  # the plan position stays taken: batches follow plan positions
 
 
@@ -147,87 +194,25 @@ def decode_samples(
         yield None if image is None else (image, target, key)
 
 
-def batched(samples: Iterable[tuple | None], size: int, bad: BadSamples) -> Iterator[tuple]:
-    """One batch per planned group of `size` plan positions, so every worker (and so every
-    rank) yields exactly the planned number of batches whatever was skipped; a DDP rank with a
-    batch fewer would hang the others.
+@dataclass(frozen=True)
+class ShardSet:
+    """A split's shards as the stream reads them, in index order."""
 
-    A batch holds its group's good samples: bad ones (None) leave it short. A group with no
-    good sample at all is owed, and the next group's samples are split to pay it; if the
-    worker's samples run out first, the epoch cannot be planned evenly and this says so.
-    Yields (images uint8 (b, 3, S, S), labels (b,), b keys, bad counts since the last batch).
-    """
-    pending: list[tuple] = []
-    last: list[tuple] = []  # the samples of the last batch yielded
-    owed = positions = 0
-    for item in samples:
-        positions += 1
-        if item is not None:
-            pending.append(item)
-        if positions % size == 0:
-            owed += 1
-            if len(pending) >= owed:
-                yield from _split(pending, owed, bad)
-                last, pending, owed = pending, [], 0
-    if positions % size:  # the last, partial group (evaluation only)
-        owed += 1
-    if owed and len(pending) >= owed:
-        yield from _split(pending, owed, bad)
-    elif owed and last and any(is_left_out(r) for r in bad.counts):
-        # Defects a task leaves out on purpose (task=anomaly) emptied the worker's last groups:
-        # they are paid with the samples of its last batch again, so the batch count still holds.
-        yield from _split((pending + last * owed)[: max(owed, len(pending))], owed, bad)
-    elif owed and bad.counts and all(is_left_out(r) for r in bad.counts):
-        raise UserError(
-            f"{owed} planned batch(es) of this loader worker hold defect samples only ({dict(bad.counts)}): "
-            "task=anomaly trains on the good samples of the train split, so it needs good samples there "
-            "(check the split with python -m data inspect)"
-        )
-    elif owed:
-        raise UserError(
-            f"{owed} planned batch(es) of this loader worker lost every sample to bad data "
-            f"({dict(bad.counts)}); check the shards with python -m data verify"
-        )
+    refs: tuple[ShardRef, ...]  # URL, bytes and sha256 of each shard
+    sizes: tuple[int, ...]  # samples (images) each shard holds
+    sources: tuple[int, ...] = ()  # a mixed run (data.mix): each shard's source number ...
+    names: tuple[str, ...] = ()  # ... and each source's name
 
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.refs]
 
-def _split(items: list[tuple], parts: int, bad: BadSamples) -> Iterator[tuple]:
-    """`items` as `parts` batches of near-equal size, in order."""
-    base, extra = divmod(len(items), parts)
-    start = 0
-    for p in range(parts):
-        chunk = items[start : start + base + (p < extra)]
-        start += len(chunk)
-        images, targets, keys = zip(*chunk)
-        yield _images(images), _targets(targets), list(keys), bad.take()
-
-
-def _images(images: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """Stacked (b, 3, H, W); whole parts of several sizes (tiled evaluation) → a list."""
-    if all(im.shape == images[0].shape for im in images):
-        return _stack(images)
-    return list(images)
-
-
-def _targets(targets: Sequence) -> torch.Tensor | list[torch.Tensor]:
-    """Class indices → int64 (b,); multi-hot rows or masks of one shape → stacked; masks of
-    several sizes (evaluation keeps each image's own) → a list."""
-    first = targets[0]
-    if isinstance(first, int):
-        return torch.tensor(targets)
-    targets = [torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in targets]
-    if all(t.shape == targets[0].shape for t in targets):
-        return _stack(targets)
-    return targets
-
-
-def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(b, ...) of equal tensors. In a loader worker it is built straight in shared memory, as
-    torch's default collate does, so handing the batch to the main process costs no second copy."""
-    first, out = images[0], None
-    if get_worker_info() is not None:
-        storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
-        out = first.new(storage).resize_(len(images), *first.shape)
-    return torch.stack(images, out=out)
+    @classmethod
+    def of(cls, index: DatasetIndex, split: str, sources: Sequence[Source] = ()) -> ShardSet:
+        shards = index.split(split).shards
+        refs = tuple(ShardRef.of(index, s) for s in shards)
+        tagged = tuple(shard_sources(sources, split)) if sources else ()
+        return cls(refs, tuple(s.num_samples for s in shards), tagged, tuple(s.name for s in sources))
 
 
 class ShardStream(IterableDataset):
@@ -235,21 +220,25 @@ class ShardStream(IterableDataset):
 
     The owner sets `plan` (rank, layout, ...) before workers start, and `position` (epoch,
     batches already trained on) before each pass: a tensor in shared memory, so workers that
-    persist across epochs read each epoch's value from it.
+    persist across epochs read each epoch's value from it. With `cache`, shards on object storage
+    are read through the machine's shard cache (data/cache.py), which each worker tells what it
+    will read: the rest of this pass, then the next epoch's.
     """
 
     def __init__(
         self,
-        urls: Sequence[str],
+        shards: ShardSet,
         plan: EpochPlan,
         transform: Callable,
         targets: Callable,  # sample → the task's target (data/targets.py)
         missing: str = "fail",  # a shard listed but not found: "fail", or "skip" its samples
         tiles: tuple[Slots, TileCutter] | None = None,  # plan slots are tiles (data/tiles.py)
+        cache: CacheConfig | None = None,
     ):
-        self.urls, self.plan, self.transform, self.targets = list(urls), plan, transform, targets
-        self.missing, self.tiles = missing, tiles
+        self.shards, self.plan, self.transform, self.targets = shards, plan, transform, targets
+        self.missing, self.tiles, self.cache = missing, tiles, cache
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, consumed batches)
+        self._client: ShardCache | None = None  # made in the worker process, kept across passes
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -269,11 +258,36 @@ class ShardStream(IterableDataset):
             torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         bad = BadSamples()
         samples = replace(self.plan, epoch=epoch).worker_samples(worker, consumed)
-        if self.tiles:  # slots are tiles: each image read once, all its tiles cut at once
+        reads = image_order(samples, self.tiles[0]) if self.tiles else samples  # tiles: each image once
+        sizes, urls = self.shards.sizes, self.shards.urls
+        opener = self._opener(
+            reads, lambda: replace(self.plan, epoch=epoch + 1, before=()).worker_samples(worker)
+        )
+        read = read_planned(reads, urls, bad, self.missing, sizes, opener)
+        if self.shards.sources:  # a mixed run: each sample's source, and keys NAME:KEY
+            read = tag_sources(read, self.shards.sources, self.shards.names)
+        if self.tiles:
             slots, cut = self.tiles
-            read = read_planned(image_order(samples, slots), self.urls, bad, self.missing)
             items = tile_items(samples, slots, read, cut, epoch, bad)
         else:
-            read = read_planned(samples, self.urls, bad, self.missing)
             items = decode_samples(read, self.transform, self.targets, bad)
         yield from batched(items, self.plan.batch_size, bad)
+
+    def _opener(self, reads: Sequence[Sample], after: Callable[[], list[Sample]]) -> Opener:
+        """How this worker opens its shards: through the cache where they are remote (telling it
+        this pass's reads, then the next epoch's, `after`), else straight from where they are."""
+        refs, sizes = self.shards.refs, self.shards.sizes
+        if not self.cache or not any(remote.is_remote(r.url) for r in refs):
+            return lambda shard, at: remote.open_shard(refs[shard].url, refs[shard].num_bytes)
+        if self._client is None:
+            self._client = ShardCache(self.cache)
+        nxt = image_order(after(), self.tiles[0]) if self.tiles else after()
+        plan = passes(reads, sizes) + [(s, len(reads) + at) for s, at in passes(nxt, sizes)]
+        self._client.follow([(refs[s], at) for s, at in plan if remote.is_remote(refs[s].url)])
+        client = self._client
+
+        def opener(shard: int, at: int) -> AbstractContextManager[BinaryIO]:
+            ref = refs[shard]
+            return client.open(ref, at) if remote.is_remote(ref.url) else remote.open_shard(ref.url)
+
+        return opener

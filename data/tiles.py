@@ -124,6 +124,7 @@ class Slots:
 
     def __init__(self, tiling: Tiling, num_samples: Sequence[int], sizes: Sequence[Sequence] | None):
         self.tiling = tiling
+        self.num_samples = tuple(num_samples)
         small = sum(int((expand_sizes(s).min(axis=1) < tiling.size).sum()) for s in sizes or () if s)
         if small:  # a note, not an error: such an image is one tile, zero-padded
             _note_small(small, tiling.size)
@@ -142,12 +143,17 @@ class Slots:
         self.per_shard = tuple(int(e[-1]) if len(e) else 0 for e in self._ends)
 
     def image_of(self, shard: int, slot: int) -> tuple[int, int]:
-        """(image number in the shard, draw number within the image) of a slot."""
+        """(image number in the shard, draw number within the image) of a slot. A slot past the
+        shard's count is a repeat (an up-sampled source, data/plan.py): its image counts on past
+        the shard's images too, so the stream reads it again and draws its tiles afresh."""
+        repeat, slot = divmod(slot, self.per_shard[shard])
         if self._ends is None:
-            return divmod(slot, self.tiling.per_image)
-        ends = self._ends[shard]
-        i = int(np.searchsorted(ends, slot, side="right"))
-        return i, slot - (int(ends[i - 1]) if i else 0)
+            i, draw = divmod(slot, self.tiling.per_image)
+        else:
+            ends = self._ends[shard]
+            i = int(np.searchsorted(ends, slot, side="right"))
+            draw = slot - (int(ends[i - 1]) if i else 0)
+        return repeat * self.num_samples[shard] + i, draw
 
 
 @lru_cache(maxsize=16)  # once per process, not at every epoch's loader

@@ -229,7 +229,8 @@ def test_defects_in_the_train_split_are_left_out_not_bad():
     assert got.sum() == 4 and got.max() == 1
     assert AnomalyMap(labels, train=True)({**sample, "cls": b"0"}).shape == (6, 8)
 
-    from data.stream import BadSamples, batched
+    from data.batching import batched
+    from data.stream import BadSamples
 
     bad = BadSamples()
     items = [None if i % 4 else (torch.zeros(3, 2, 2), np.zeros((2, 2)), f"k{i}") for i in range(12)]

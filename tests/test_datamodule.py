@@ -9,12 +9,13 @@ import pytest
 import torch
 import webdataset as wds
 
+from data.batching import batched
 from data.datamodule import ShardDataModule
 from data.errors import UserError
 from data.index import load_index
 from data.plan import EpochPlan
 from data.samples import Labels
-from data.stream import BadSamples, batched, decode_samples, read_planned
+from data.stream import BadSamples, decode_samples, read_planned
 from data.transforms import EvalTransform
 
 

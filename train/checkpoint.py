@@ -57,7 +57,12 @@ def file_sha256(path: str) -> str:
 
 
 def lineage(
-    config: dict, index_url: str, index_sha256: str, version: int | None = None, version_sha256: str = ""
+    config: dict,
+    index_url: str,
+    index_sha256: str,
+    version: int | None = None,
+    version_sha256: str = "",
+    sources: list[dict] | None = None,
 ) -> dict:
     versions = {}
     for name in PACKAGES:
@@ -70,6 +75,8 @@ def lineage(
             "sha256": index_sha256,
             # a data set that grows: which version trained, and the sha256 of its shards' listing
             **({"version": version, "version_sha256": version_sha256} if version else {}),
+            # a data.mix: each data set's name, index, sha256, version and weight
+            **({"sources": sources} if sources else {}),
         },
         "code_version": code_version(),
         "packages": versions,
@@ -173,3 +180,13 @@ def load_model(path: str, device: str | torch.device = "cpu"):
 
         return load_bundle(path, device)
     return model_from_checkpoint(load_checkpoint(path)).to(device)
+
+
+def trained_on(meta: dict) -> dict:
+    """The data a checkpoint trained on, as `data` settings: {"index": ...}, or {"mix": [...]}
+    for a mixed run (what evaluate and export read when no data set is given)."""
+    dataset = meta["lineage"]["dataset"]
+    if dataset.get("sources"):
+        keys = ("index", "weight", "name", "version")
+        return {"mix": [{k: s[k] for k in keys if s.get(k) is not None} for s in dataset["sources"]]}
+    return {"index": dataset["index"]}

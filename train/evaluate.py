@@ -36,7 +36,7 @@ from omegaconf import DictConfig, open_dict
 from data.errors import UserError
 from train import decision as defect
 from train import settings, tasks
-from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, save_model
+from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, save_model, trained_on
 from train.cli import CONFIG_PATH, run_cli
 from train.collect import Predictions
 from train.network import ModelSpec
@@ -59,10 +59,15 @@ def evaluate(cfg: DictConfig) -> dict | None:
     net = model_from_checkpoint(ckpt)
     spec = net.spec
     task = tasks.of(spec)
-    index = cfg.data.index or meta["lineage"]["dataset"]["index"]
+    given = (
+        {"index": cfg.data.index} if cfg.data.index else {"mix": cfg.data.mix} if cfg.data.get("mix") else {}
+    )
+    data = given or trained_on(meta)
+    index = data.get("index") or "the mix " + ", ".join(str(e["index"]) for e in data["mix"])
     datamodule = instantiate(
         cfg.data,
-        index=index,
+        index=data.get("index"),
+        mix=data.get("mix"),
         image_size=spec.image_size,
         crop_pct=spec.crop_pct,
         val_split=cfg.split,

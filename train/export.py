@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from data.errors import UserError
 from data.tiles import tiling_from
 from train import bundle, settings, tasks
-from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint
+from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, trained_on
 from train.cli import CONFIG_PATH, run_cli
 from train.convert import check_installed, convert, converter_version
 from train.decision import threshold_of
@@ -157,7 +157,9 @@ def export(cfg: DictConfig) -> dict:
             "to ship one",
             cfg.ckpt,
         )
-    index = cfg.data.index or meta["lineage"]["dataset"]["index"]
+    # parity images: the data set given, or the one it trained on (a mix's first source)
+    data = trained_on(meta)
+    index = cfg.data.index or data.get("index") or data["mix"][0]["index"]
     task = tasks.of(spec)
     tiling = tiling_from(spec.tiles)
     if tiling:  # whole parts, each hundreds of tiles: a few make the check

@@ -38,7 +38,8 @@ def cosine_with_warmup(optimizer: Optimizer, total_steps: int, warmup_steps: int
 class TaskModule(L.LightningModule):
     """One module for every task: the task (train/tasks) gives the loss and the validation
     metrics; targets are whatever the data layer read for it (class indices, multi-hot rows,
-    masks)."""
+    masks). With `sources` (a data.mix), validation keys read NAME:KEY and each source's samples
+    are also judged on their own, as val/NAME/acc and the like."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class TaskModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        sources: tuple[str, ...] = (),
     ):
         super().__init__()
         self.net, self.task = net, task
@@ -59,6 +61,8 @@ class TaskModule(L.LightningModule):
         self.classes = net.spec.classes
         self.train_metric = task.train_metric(net.spec)  # classify: accuracy; None elsewhere
         self.val_metrics = task.metrics(net.spec)
+        self.sources = tuple(sources)  # a list, not a dict: a source's name may hold dots
+        self.source_metrics = nn.ModuleList(task.metrics(net.spec) for _ in self.sources)
         self.confusion: list[list[int]] | None = None  # classes or pixels; rows: true, columns: predicted
         # patchcore fills a memory bank: no loss, so no optimizer step to automate
         self.automatic_optimization = not getattr(task, "frozen", False)
@@ -93,27 +97,36 @@ class TaskModule(L.LightningModule):
             self.task.on_validation_start(self)
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        images, targets = batch[0], batch[1]
+        images, targets, keys = batch[0], batch[1], batch[2]
         if self.net.spec.tiles:  # whole parts, tiled as in training and stitched: judged per part
-            for image, target in zip(images, targets):
-                self._validate(part_probs(self.net, image)[None].to(self.device), target[None])
+            for image, target, key in zip(images, targets, keys):
+                self._validate(part_probs(self.net, image)[None].to(self.device), target[None], [key])
             return
         if getattr(self.task, "scores_maps", False):  # anomaly: scored, not a loss on real defects
-            self.val_metrics.update(self.net.probabilities(images), targets)
+            self._update(self.net.probabilities(images), targets, keys)
             return
         logits = self(images)
         self.log("val/loss", self.loss(logits, targets), batch_size=len(images), sync_dist=True)
-        self.val_metrics.update(logits, targets)
+        self._update(logits, targets, keys)
 
-    def _validate(self, probs: torch.Tensor, targets) -> None:
+    def _validate(self, probs: torch.Tensor, targets, keys: list[str]) -> None:
         """One whole part's stitched probabilities (1, C, H, W) or strongest tile's (1, C)."""
         if getattr(self.task, "scores_maps", False):
-            self.val_metrics.update(probs, targets)
+            self._update(probs, targets, keys)
             return
         # log-probabilities stand in for logits: the loss's and metrics' softmax gives them back
         logits = probs.clamp_min(1e-12).log() if self.net.spec.task != "multilabel" else probs.logit(1e-6)
         self.log("val/loss", self.loss(logits, targets), batch_size=1, sync_dist=True)
-        self.val_metrics.update(logits, targets)
+        self._update(logits, targets, keys)
+
+    def _update(self, outputs: torch.Tensor, targets, keys: list[str]) -> None:
+        """The metrics of the whole split, and of each source its samples came from."""
+        self.val_metrics.update(outputs, targets)
+        for name, metrics in zip(self.sources, self.source_metrics):
+            mine = [i for i, key in enumerate(keys) if key.startswith(f"{name}:")]
+            if mine:
+                picked = targets[mine] if torch.is_tensor(targets) else [targets[i] for i in mine]
+                metrics.update(outputs[mine], picked)
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs the metric states across ranks once per epoch: exact, whatever each
@@ -129,6 +142,10 @@ class TaskModule(L.LightningModule):
         self.log_dict({k: v for k, v in values.items() if k not in shown})
         self.confusion = self.val_metrics.confusion
         self.val_metrics.reset()
+        for name, metrics in zip(self.sources, self.source_metrics):
+            shown = metrics.compute()  # every rank: the states sync, whichever rank saw the source
+            self.log_dict({f"val/{name}/{k.removeprefix('val/')}": v for k, v in shown.items()})
+            metrics.reset()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

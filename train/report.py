@@ -23,6 +23,9 @@ def confusion_table(classes: tuple[str, ...], matrix: list[list[int]]) -> str:
     return "\n".join([head, *rows])
 
 
+SHOWN = ("val/acc", "val/f1", "val/defect_iou", "val/image_auroc")  # each task's headline metric
+
+
 def summarize(trainer: L.Trainer, module: TaskModule, resumed_from: str | None = None) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -58,6 +61,13 @@ def summarize(trainer: L.Trainer, module: TaskModule, resumed_from: str | None =
             f"final validation accuracy: {metrics['val/acc']:.4f} "
             f"({metrics['val/acc'] / chance:.1f}x chance), macro F1 {metrics.get('val/f1', 0):.4f}"
         )
+    headline = next((k for k in SHOWN if k in metrics), None)
+    if module.sources and headline:  # a data.mix: each source judged on its own validation samples
+        name = headline.removeprefix("val/")
+        each = ", ".join(
+            f"{s} {metrics[f'val/{s}/{name}']:.4f}" for s in module.sources if f"val/{s}/{name}" in metrics
+        )
+        rank_zero_info(f"final validation {name} per source: {each}")
     if module.confusion:
         what = "pixels" if module.task.name == "segment" else "parts"
         rank_zero_info(

@@ -54,6 +54,7 @@ def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         label_smoothing=m.label_smoothing,
         channels_last=m.channels_last,
+        sources=datamodule.val_sources,
     )
     return datamodule, module
 
@@ -109,7 +110,10 @@ def train(
     if datamodule.val_split not in index.splits:
         cfg = without_validation(cfg, datamodule.val_split, index.location, args)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks or [])
-    callbacks.append(Lineage(lineage(config, redact(index.location), index.sha256, *datamodule.data_version)))
+    sources = redact(index.extra.get("mix"))
+    callbacks.append(
+        Lineage(lineage(config, redact(index.location), index.sha256, *datamodule.data_version, sources))
+    )
     callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
     args["plugins"] = [AtomicCheckpointIO(), *args.get("plugins", [])]

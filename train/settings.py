@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from data.cache import parse_bytes
 from data.checks import (
     Relation,
     Rule,
@@ -33,6 +34,7 @@ from data.checks import (
 )
 from data.checks import check as check_rules
 from data.errors import UserError
+from data.mix import entry_problem
 from data.tiles import tiling_from
 from train.network import backbone_problem
 
@@ -86,6 +88,24 @@ def _tiles(v: object) -> str | None:
     return None
 
 
+def _mix(v: object) -> str | None:
+    if not isinstance(v, list | tuple) or not v:
+        return "must be a list of {index, weight} entries, e.g. [{index: ./a, weight: 0.7}, {index: ./b}]"
+    for k, entry in enumerate(v):
+        problem = entry_problem(entry)
+        if problem:
+            return f"entry {k}: {problem}"
+    return None
+
+
+def _bytes(v: object) -> str | None:
+    try:
+        ok = parse_bytes(v) > 0
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else 'must be a size in bytes above 0: an integer, or text such as "20GB" or "512MiB"'
+
+
 def _part_size(v: object) -> str | None:
     ok = isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int) and x >= 128 for x in v)
     return None if ok else "must be [width, height] in pixels, each at least 128, e.g. [4000, 3000]"
@@ -120,6 +140,14 @@ DATA: dict[str, Rule] = {
     "data.tiles": optional(_tiles),
     "data.vflip": FRACTION,
     "data.val_batch_size": optional(POSITIVE),
+    "data.mix": optional(_mix),
+    "data.epoch_samples": optional(POSITIVE),
+    "data.shuffle_block": integer(0),
+    "data.cache_dir": optional(text),
+    "data.cache_limit": optional(_bytes),
+    "data.prefetch": integer(0),
+    "data.cache_verify": flag,
+    "data.cache_policy": choice("plan", "lru"),
 }
 
 TRAINER: dict[str, Rule] = {
@@ -288,6 +316,13 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
                 "from scratch",
             )
         )
+    data = cfg.get("data") or {}
+    if data.get("mix") and data.get("index"):
+        problems.append(
+            ("data.index", "is set with data.mix: train on one data set or on a mix (data.index=null)")
+        )
+    if data.get("cache_dir") and not data.get("cache_limit"):
+        problems.append(("data.cache_dir", "needs data.cache_limit, the cache's budget on disk (e.g. 20GB)"))
     if launcher.get("kind") == "ray" and launcher.get("strategy") == "fsdp" and not launcher.get("use_gpu"):
         problems.append(
             ("launcher.strategy", "fsdp runs on GPUs only: set launcher.use_gpu=true, or use ddp")
