@@ -1,4 +1,7 @@
-"""The README's promise, end to end: `python -m train +experiment=quickstart` learns."""
+"""The README's promise, end to end: `python -m train +experiment=quickstart` learns.
+
+The other quickstarts check each recipe's figures in the README (about 40 minutes together on 2
+cores): marked `recipe` as well as `slow`, they run with `pytest -m recipe`, not in CI's hour."""
 
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def _quickstart(tmp_path, experiment: str, figure: str, *overrides: str) -> tupl
 
 
 @pytest.mark.slow
+@pytest.mark.recipe
 def test_quickstart_segment_finds_the_defect_pixels(tmp_path):
     iou, best_iou, metrics = _quickstart(tmp_path, "quickstart_segment", "defect-pixel IoU")
     assert iou >= 0.5 and metrics["task"] == "segment"
@@ -85,12 +89,14 @@ def test_quickstart_segment_finds_the_defect_pixels(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.recipe
 def test_quickstart_multilabel_names_the_defects(tmp_path):
     f1, _, metrics = _quickstart(tmp_path, "quickstart_multilabel", "macro F1")
     assert f1 >= 0.8 and metrics["task"] == "multilabel" and metrics["macro_f1"] >= 0.8
 
 
 @pytest.mark.slow
+@pytest.mark.recipe
 def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
     # 20 of its 30 epochs (8 minutes here, to image AUROC 0.93), to keep CI within its hour
     auroc, _, metrics = _quickstart(tmp_path, "quickstart_anomaly", "image AUROC", "trainer.max_epochs=20")
@@ -99,6 +105,7 @@ def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.recipe
 def test_quickstart_tiles_finds_small_defects_on_large_parts(tmp_path):
     # 14 minutes here; it finds the spots and not yet the scratches (README): the bars say it
     # learned, judged on whole parts at full size, not that it meets the aim for large parts
