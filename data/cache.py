@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import count
 from typing import BinaryIO
@@ -215,12 +216,19 @@ class ShardCache:
             log.warning("shard prefetch stopped: %s (shards are fetched as they are read)", e)
 
     def _prefetch_loop(self) -> None:
+        # The window's shards are fetched at once, not one after another: each fetch waits a
+        # round trip or more, and a worker may read a shard faster than that. Their own threads:
+        # a fetch waits on ranged GETs of data/remote.py's pool, which it must not occupy.
+        pool = ThreadPoolExecutor(self.config.prefetch, thread_name_prefix="shard-fetch")
+        running: dict[str, Future] = {}
         while not self._stop:
             with self._wake:
                 at = self._state["at"]
                 ahead = _upcoming(self._plan, at, self.config.prefetch)
-            progressed = False
+            running = {n: f for n, f in running.items() if not f.done()}
             for ref, when in ahead:
+                if ref.name in running or len(running) >= self.config.prefetch:
+                    continue
                 with self.store.locked():
                     if self.store.complete(ref.name, ref.num_bytes, ref.url) or self.store.fetching(ref.name):
                         continue
@@ -228,16 +236,22 @@ class ShardCache:
                 if reserved is None:
                     break  # no room yet for what comes next: wait for readers to move on
                 try:
-                    self._fetch(ref, reserved)
-                    progressed = True
-                except RuntimeError:  # the process is exiting: its thread pool takes no more work
+                    running[ref.name] = pool.submit(self._fetch_ahead, ref, reserved)
+                except RuntimeError:  # the process is exiting: its threads take no more work
                     return
-                except Exception as e:  # the reader fetches it again, and reports what fails
-                    log.warning("prefetch of %s failed: %s", ref.url, e)
-            if not progressed:
-                with self._wake:
-                    if self._state["at"] == at and not self._stop:
-                        self._wake.wait(0.2)
+            with self._wake:
+                if self._state["at"] == at and not self._stop:
+                    self._wake.wait(0.05 if running else 0.2)
+
+    def _fetch_ahead(self, ref: ShardRef, reserved: str) -> None:
+        try:
+            self._fetch(ref, reserved)
+        except RuntimeError:  # the process is exiting
+            pass
+        except Exception as e:  # the reader fetches it again, and reports what fails
+            log.warning("prefetch of %s failed: %s", ref.url, e)
+        with self._wake:
+            self._wake.notify_all()
 
     def _reserve(self, ref: ShardRef, distance: int) -> str | None:
         return self.store.reserve(ref.name, ref.num_bytes, distance, (self.id, self._state))
