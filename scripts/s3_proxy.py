@@ -114,14 +114,17 @@ def _handler(proxy: S3Proxy):
             if self.command == "GET":
                 with proxy._lock:
                     proxy.served[path] += len(data)
-            out = {k: v for k, v in resp.getheaders() if k.lower() not in HOP | {"content-length"}}
+            # a HEAD's Content-Length is the object's size, not the length of its (empty) body
+            dropped = HOP if self.command == "HEAD" else HOP | {"content-length"}
+            out = {k: v for k, v in resp.getheaders() if k.lower() not in dropped}
             self._reply(resp.status, out, data)
 
         def _reply(self, status: int, headers: dict, data: bytes) -> None:
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            if self.command != "HEAD":
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
