@@ -135,3 +135,18 @@ def test_bench_write_reports_both_writers_and_the_append(tmp_path):
     for key in ("ray_over_local", "sql_over_folder", "append_over_rewrite", "local_images_per_s"):
         assert figures[key] > 0, key
     assert figures["images"] == 400 and figures["appended"] == 40
+
+
+def test_bench_cache_writes_every_figure(tmp_path):
+    run(
+        "bench_cache.py",
+        *("--images", "1200", "--shard-samples", "50", "--sorted-shard-samples", "200", "--rounds", "1"),
+        *("--delay-ms", "1", "2", "--json", str(tmp_path / "cache.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "cache.json").read_text())
+    for key in ("s3_over_local", "s3_epoch1_over_local", "s3_epoch2_over_local", "blocks_classes_per_batch"):
+        assert figures[key] > 0, key
+    assert figures["fetched_plan_100"] == figures["fetched_lru_100"] == 0  # epochs 2 and 3 from the cache
+    assert figures["fetched_plan_50"] <= 1.0  # a fetch is never wasted under the plan's rule
+    assert figures["blocks_held"] > figures["shards_held"]
