@@ -27,7 +27,7 @@ from itertools import count
 from typing import BinaryIO
 
 from data import remote
-from data.cache_dir import HOST, CacheDir
+from data.cache_dir import HOST, CacheDir, owner
 from data.errors import UserError
 from data.index import DatasetIndex, Shard
 
@@ -49,6 +49,8 @@ class CacheConfig:
         """From data.cache_dir, cache_limit (train/settings.py: both or neither), prefetch, ..."""
         if not directory:
             return None
+        if limit is None:  # train/settings.py names it; here for a caller that skipped the check
+            raise UserError("data.cache_dir needs data.cache_limit, the cache's budget on disk (e.g. 20GB)")
         return cls(os.path.abspath(os.path.expanduser(directory)), parse_bytes(limit), *rest)
 
 
@@ -115,12 +117,13 @@ class ShardCache:
     def __init__(self, config: CacheConfig):
         self.config = config
         self.store = CacheDir(config.directory, config.limit, config.policy)
-        self.id = f"{HOST}-{os.getpid()}-{next(_readers)}"
+        self.id = f"{owner()}-{next(_readers)}"
         self._state = {"at": 0, "reading": [], "next": {}}
         self._plan: list[tuple[ShardRef, int]] = []  # (shard, position it is first needed at)
         self._verified: set[str] = set()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._failed: set[str] = set()  # shards whose prefetch failed in this plan
         self._stop = False
 
     # -- the reader's side -------------------------------------------------------------------
@@ -130,6 +133,7 @@ class ShardCache:
         order (this pass, then the next epoch's). Prefetching follows it."""
         with self._wake:
             self._plan = list(plan)
+            self._failed = set()
             self._state["at"] = 0
             self._state["next"] = _next_uses(self._plan, 0)
             self._wake.notify_all()
@@ -158,7 +162,8 @@ class ShardCache:
                     yield f
         finally:
             with self.store.locked():  # one pin of it: two passes over one shard may be open at once
-                self._state["reading"].remove(ref.name)
+                if ref.name in self._state["reading"]:
+                    self._state["reading"].remove(ref.name)
                 self.store.publish(self.id, self._state)
 
     def close(self) -> None:
@@ -200,7 +205,8 @@ class ShardCache:
             log.warning(
                 "cached copy of %s is not the shard the index names (sha256): fetching it again", ref.url
             )
-            os.remove(path)
+            with self.store.locked(), contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             return False
         self._verified.add(ref.name)
         return True
@@ -227,7 +233,7 @@ class ShardCache:
                 ahead = _upcoming(self._plan, at, self.config.prefetch)
             running = {n: f for n, f in running.items() if not f.done()}
             for ref, when in ahead:
-                if ref.name in running or len(running) >= self.config.prefetch:
+                if ref.name in running or ref.name in self._failed or len(running) >= self.config.prefetch:
                     continue
                 with self.store.locked():
                     if self.store.complete(ref.name, ref.num_bytes, ref.url) or self.store.fetching(ref.name):
@@ -250,11 +256,18 @@ class ShardCache:
             pass
         except Exception as e:  # the reader fetches it again, and reports what fails
             log.warning("prefetch of %s failed: %s", ref.url, e)
+            self._failed.add(ref.name)
         with self._wake:
             self._wake.notify_all()
 
     def _reserve(self, ref: ShardRef, distance: int) -> str | None:
-        return self.store.reserve(ref.name, ref.num_bytes, distance, (self.id, self._state))
+        with self._wake:  # the reader replaces "at" and "next" under _wake, "reading" under the lock
+            me = {
+                "at": self._state["at"],
+                "next": self._state["next"],
+                "reading": list(self._state["reading"]),
+            }
+        return self.store.reserve(ref.name, ref.num_bytes, distance, (self.id, me))
 
     def _fetch(self, ref: ShardRef, partial: str) -> None:
         """Download into the reserved partial file, check it, and rename it into place."""

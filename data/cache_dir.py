@@ -6,10 +6,14 @@
                                      shard's sha256 from the index, so a rewritten shard is a new
                                      file); mtime 0 until a reader first opens one, atime when it
                                      was last fetched or opened
-      partial/NAME.HOST-PID.BYTES    a download under way, BYTES reserved against the budget; never
-                                     read, and removed once PID is gone (a killed download)
-      readers/HOST-PID-N.json        each reader's future: {"at": its position, "reading": [NAME],
+      partial/NAME.OWNER.BYTES       a download under way, BYTES reserved against the budget; never
+                                     read, and removed once its owner is gone (a killed download)
+      readers/OWNER-N.json           each reader's future: {"at": its position, "reading": [NAME],
                                      "next": {NAME: the position it next needs NAME at}}
+
+OWNER is HOST-PID-START (START: the process's start time), so a process that reuses a dead one's
+PID, as a restarted container does, is not taken for it. The directory is one machine's: entries
+of another host are leftovers (a renamed host, a disk moved) and are removed like a dead owner's.
 
 Positions count a loader worker's planned samples (this epoch's, then the next's), so readers on
 every rank and worker compare alike: they step together. Making room evicts the complete shards
@@ -33,6 +37,24 @@ from collections.abc import Iterator
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
+_owners: dict[int, str] = {}
+
+
+def owner() -> str:
+    """HOST-PID-START of this process (a forked loader worker has its own)."""
+    pid = os.getpid()
+    if pid not in _owners:
+        _owners[pid] = f"{HOST}-{pid}-{_start_time(pid)}"
+    return _owners[pid]
+
+
+def _start_time(pid: int) -> str:
+    """When the process started, in clock ticks since boot (Linux /proc; "0" elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
 
 
 class CacheDir:
@@ -66,7 +88,7 @@ class CacheDir:
                 need -= complete[victim]
                 if need <= 0:
                     break
-        path = os.path.join(self.dir, "partial", f"{name}.{HOST}-{os.getpid()}.{size}")
+        path = os.path.join(self.dir, "partial", f"{name}.{owner()}.{size}")
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
         return path
 
@@ -74,16 +96,17 @@ class CacheDir:
         """Complete shards that may go, the first to go first."""
         readers = self.readers(me)
         pinned = {n for r in readers for n in r.get("reading", ())}
-        free = [n for n in complete if n not in pinned]
-        stats = {n: os.stat(self.shard_path(n)) for n in free}
+        stats = {}
+        for n in complete:
+            if n not in pinned:
+                with contextlib.suppress(FileNotFoundError):  # removed since the scan (a bad copy)
+                    stats[n] = os.stat(self.shard_path(n))
+        free = list(stats)
         opened = {n: st.st_mtime for n, st in stats.items()}  # 0: fetched, never opened
         if self.policy == "lru":
             return sorted(free, key=lambda n: stats[n].st_atime)  # fetched or opened longest ago
         far = float("inf")
-        nxt = {
-            n: min((r["next"][n] - r["at"] for r in readers if n in r.get("next", {})), default=far)
-            for n in free
-        }
+        nxt = {n: min((r["next"][n] - r["at"] for r in readers if n in r["next"]), default=far) for n in free}
         # A shard fetched ahead is kept until it is read, unless no reader needs it any more: a
         # fetch is never wasted, even when the budget is too small for every worker's window.
         keep = {n for n in free if not opened[n] and nxt[n] < far}
@@ -135,13 +158,14 @@ class CacheDir:
             if entry.name == f"{me[0]}.json":
                 out.append(me[1])
                 continue
-            owner = entry.name.removesuffix(".json").rsplit("-", 1)[0]
-            if not entry.name.endswith(".json") or not _alive(owner):
+            who = entry.name.removesuffix(".json").rsplit("-", 1)[0]
+            if not entry.name.endswith(".json") or not _alive(who):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(entry.path)
                 continue
             with contextlib.suppress(OSError, ValueError), open(entry.path) as f:
-                out.append(json.load(f))
+                state = json.load(f)
+                out.append({"at": state["at"], "reading": state["reading"], "next": state["next"]})
         return out
 
     def publish(self, reader: str, state: dict) -> None:
@@ -162,24 +186,24 @@ class CacheDir:
 
 
 def _partial_parts(file: str) -> tuple[str, str | None, int]:
-    """NAME.HOST-PID.BYTES → (NAME, HOST-PID, BYTES) (NAME is hex; a host name may hold dots);
+    """NAME.OWNER.BYTES → (NAME, OWNER, BYTES) (NAME is hex; a host name may hold dots);
     anything else → (file, None, 0)."""
     name, _, rest = file.partition(".")
-    owner, _, size = rest.rpartition(".")
-    if not owner or not size.isdigit():
+    who, _, size = rest.rpartition(".")
+    if not who or not size.isdigit():
         return file, None, 0
-    return name, owner, int(size)
+    return name, who, int(size)
 
 
-def _alive(owner: str) -> bool:
-    """Is the process HOST-PID still running? A process of another host: assume so."""
-    host, _, pid = owner.rpartition("-")
+def _alive(who: str) -> bool:
+    """Is the process HOST-PID-START still running on this host?"""
+    host, pid, start = [*who.rsplit("-", 2), "", ""][:3]
     if host != HOST or not pid.isdigit():
-        return True
+        return False  # another host's entry in this machine's directory: a leftover
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # another user's process: alive
+    return _start_time(int(pid)) == start

@@ -238,10 +238,16 @@ class SourceTargets:
             out[table] = target
             return out
         if self.kind == "mask":
-            lut = np.arange(256, dtype=np.uint8)
-            lut[: len(table)] = table
-            return lut[target]
+            return self.mask_table(sample)[target]
         return target
+
+    def mask_table(self, sample: dict) -> np.ndarray:
+        """The sample's source's class values → the joined ones, for all 256 values of a mask
+        (255, a defect of unknown place, stays)."""
+        table = self.tables[sample["__source__"]]
+        lut = np.arange(256, dtype=np.uint8)
+        lut[: len(table)] = table
+        return lut
 
 
 def targets_of(sources: Sequence[Source], index: DatasetIndex, kind: str, train: bool):

@@ -42,9 +42,10 @@ class Mix:
 
     Source k owns the shards [bounds[k], bounds[k+1]) of the plan's list and gives `counts[k]`
     samples to every epoch: its shards in an order drawn from (seed, epoch, k), taken whole, the
-    last one cut short; a source that gives more samples than it holds is read again (a repeat, in
-    a fresh order). Whole shards keep reads sequential, and over epochs every sample of a
-    down-sampled source comes round equally often. The runs of all sources are then shuffled
+    last one cut short (a window of it at a place drawn per epoch); a source that gives more
+    samples than it holds is read again (a repeat, in a fresh order). Whole shards keep reads
+    sequential, and over epochs every sample of a down-sampled source comes round about equally
+    often. The runs of all sources are then shuffled
     together, so the epoch interleaves sources at shard granularity; the shuffle buffer (or a block
     shuffle) mixes them within batches.
     """
@@ -202,10 +203,14 @@ def _mix_runs(
             raise ValueError(f"source {k} of the mix has no samples to give {want}")
         repeat = 0
         while want > 0:  # one pass over the source's shards per repeat, each in a fresh order
-            for shard in own[np.random.default_rng([seed, epoch, k + 1, repeat]).permutation(len(own))]:
-                take = int(min(sizes[shard], want))
+            rng = np.random.default_rng([seed, epoch, k + 1, repeat])
+            for shard in own[rng.permutation(len(own))]:
+                size = int(sizes[shard])
+                take = min(size, want)
                 if take:
-                    runs.append((int(shard), repeat * int(sizes[shard]), take))
+                    # the shard cut short gives a window at a place drawn per epoch, not its head
+                    offset = int(rng.integers(size - take + 1))
+                    runs.append((int(shard), repeat * size + offset, take))
                     want -= take
                 if not want:
                     break

@@ -69,16 +69,20 @@ def _pool() -> ThreadPoolExecutor:
     with _guard:
         pool = _pools.get(os.getpid())
         if pool is None:
-            pool = _pools[os.getpid()] = ThreadPoolExecutor(PARALLEL * 2, thread_name_prefix="ranged-get")
+            # Room for a reader's streams and several fetches at once: a reader's urgent ranges
+            # wait behind no more than a few prefetched ones.
+            pool = _pools[os.getpid()] = ThreadPoolExecutor(PARALLEL * 4, thread_name_prefix="ranged-get")
     return pool
 
 
+# Not worth another try: a missing object, refused credentials, and our own mistakes. Everything
+# else is (throttling, timeouts, resets, 5xx, a body cut short: aiohttp's ClientPayloadError and
+# http.client's IncompleteRead are no OSErrors, and the client's own retries are off).
+FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError, AttributeError)
+
+
 def retryable(error: BaseException) -> bool:
-    """Throttling, timeouts, resets, 5xx and short reads are worth another try; a missing object,
-    refused credentials or a bad request are not."""
-    return isinstance(error, OSError | TimeoutError | ConnectionError) and not isinstance(
-        error, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
-    )
+    return isinstance(error, Exception) and not isinstance(error, FINAL)
 
 
 def get_range(url: str, start: int, end: int, attempts: int = ATTEMPTS) -> bytes:
@@ -87,6 +91,8 @@ def get_range(url: str, start: int, end: int, attempts: int = ATTEMPTS) -> bytes
     for attempt in range(1, attempts + 1):
         try:
             data = fs.cat_file(path, start=start, end=end)
+            if len(data) > end - start and len(data) >= end:  # a server that ignores Range: the whole body
+                data = data[start:end]
             if len(data) != end - start:
                 raise OSError(f"short read: {len(data)} of {end - start} bytes (has the shard changed?)")
             return data
@@ -114,14 +120,18 @@ def ranges(size: int) -> list[tuple[int, int]]:
 
 def download(url: str, size: int, fd: int) -> None:
     """The whole object (`size` bytes, from the index) into the open file `fd`, PARALLEL ranges
-    at a time."""
-    pool = _pool()
-    futures = [(a, pool.submit(get_range, url, a, b)) for a, b in ranges(size) if b > a]
+    in flight (so a retried range holds back at most that many in memory)."""
+    todo = deque(r for r in ranges(size) if r[1] > r[0])
+    flight: deque[tuple[int, Future]] = deque()
     try:
-        for a, future in futures:
+        while todo or flight:
+            while todo and len(flight) < PARALLEL:
+                a, b = todo.popleft()
+                flight.append((a, _pool().submit(get_range, url, a, b)))
+            a, future = flight.popleft()
             os.pwrite(fd, future.result(), a)
     finally:
-        for _, future in futures:
+        for _, future in flight:
             future.cancel()
 
 

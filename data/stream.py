@@ -260,9 +260,9 @@ class ShardStream(IterableDataset):
         samples = replace(self.plan, epoch=epoch).worker_samples(worker, consumed)
         reads = image_order(samples, self.tiles[0]) if self.tiles else samples  # tiles: each image once
         sizes, urls = self.shards.sizes, self.shards.urls
-        opener = self._opener(
-            reads, lambda: replace(self.plan, epoch=epoch + 1, before=()).worker_samples(worker)
-        )
+        # next epoch, nothing consumed yet: loader worker i plays plan worker i
+        nxt = replace(self.plan, epoch=epoch + 1, before=())
+        opener = self._opener(reads, lambda: nxt.worker_samples(info.id if info else 0))
         read = read_planned(reads, urls, bad, self.missing, sizes, opener)
         if self.shards.sources:  # a mixed run: each sample's source, and keys NAME:KEY
             read = tag_sources(read, self.shards.sources, self.shards.names)

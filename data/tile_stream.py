@@ -108,7 +108,10 @@ class TileCutter:
         if MASK_EXT not in sample:
             return None
         label = target if isinstance(target, int) else int(np.argmax(target))
-        return mask_classes(read_mask(sample[MASK_EXT]), label, len(self.classes))
+        mask = read_mask(sample[MASK_EXT])
+        if hasattr(self.targets, "mask_table"):  # a data.mix: the source's class values, renumbered
+            mask = self.targets.mask_table(sample)[mask]
+        return mask_classes(mask, label, len(self.classes))
 
     def _tile_target(self, target, tile_mask, mask, box):
         if self.kind in ("mask", "anomaly"):

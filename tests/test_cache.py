@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from data import remote
-from data.cache import HOST, CacheConfig, ShardCache, ShardRef, parse_bytes
+from data.cache import CacheConfig, ShardCache, ShardRef, parse_bytes
+from data.cache_dir import owner
 from data.errors import UserError
 from data.index import load_index
 from tests.test_resume import audit
@@ -74,7 +75,7 @@ def fake_cache(tmp_path: Path, policy: str) -> tuple[ShardCache, dict[str, Shard
         os.utime(path, (1000 + age, 1000 + age))  # a opened longest ago
     # Another live reader (this process, another reader number) is reading b.
     other = {"at": 0, "reading": [refs["b"].name], "next": {}}
-    (tmp_path / "readers" / f"{HOST}-{os.getpid()}-999999.json").write_text(json.dumps(other))
+    (tmp_path / "readers" / f"{owner()}-999999.json").write_text(json.dumps(other))
     cache = ShardCache(CacheConfig(str(tmp_path), 300, prefetch=0, policy=policy))
     # We next need c at position 5 and a at 50; b only after that.
     cache.follow([(refs["c"], 5), (refs["a"], 50), (refs["b"], 90)])
@@ -119,6 +120,37 @@ def test_lru_eviction_drops_the_least_recently_opened(tmp_path):
     with cache.store.locked():
         assert cache._reserve(refs["x"], 60)
     assert cached(tmp_path, refs) == {"b", "c"}  # a: opened longest ago, though needed at 50
+
+
+def test_a_download_left_by_a_reused_pid_or_another_host_is_a_leftover(tmp_path):
+    """A restarted container reuses PIDs: the owner's start time tells a new process from the dead
+    one, so its leftover download neither blocks readers nor holds budget; another host's entries
+    in this machine's directory are leftovers too."""
+    from data.cache_dir import HOST, CacheDir
+
+    store = CacheDir(str(tmp_path), 1000)
+    me = owner()
+    host, pid, start = me.rsplit("-", 2)
+    reused = tmp_path / "partial" / f"{'a' * 64}.{host}-{pid}-{int(start) + 1}.400"
+    other = tmp_path / "partial" / f"{'b' * 64}.elsewhere-{pid}-{start}.400"
+    live = tmp_path / "partial" / f"{'c' * 64}.{me}.400"
+    for path in (reused, other, live):
+        path.write_bytes(b"")
+    assert HOST != "elsewhere"
+    with store.locked():
+        assert not store.fetching("a" * 64) and not store.fetching("b" * 64) and store.fetching("c" * 64)
+        assert store._scan() == ({}, {live.name: 400})
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [live.name]
+
+
+def test_what_is_worth_another_try():
+    import http.client
+
+    from data.remote import retryable
+
+    assert retryable(OSError("[Errno 16] Please reduce your request rate.")) and retryable(TimeoutError())
+    assert retryable(http.client.IncompleteRead(b"x", 10))  # a body cut short: no OSError
+    assert not retryable(FileNotFoundError()) and not retryable(PermissionError("AccessDenied"))
 
 
 def test_sizes_read_as_bytes():

@@ -267,3 +267,15 @@ def test_block_shuffle_mixes_shards_a_buffer_cannot():
     buffered = shards_per_batch(EpochPlan(sizes, 32, buffer_size=100))
     blocks = shards_per_batch(EpochPlan(sizes, 32, buffer_size=100, block=4000))
     assert buffered < 1.5 and blocks > 3.5
+
+
+def test_a_shard_cut_short_gives_a_window_at_a_place_drawn_per_epoch():
+    """One source of two 10-sample shards gives 15 a epoch: one shard whole, five of the other. Over
+    epochs every sample of the cut shard is drawn, not only its first five."""
+    mix = Mix(bounds=(0, 2), counts=(15,))
+    seen = set()
+    for epoch in range(30):
+        samples = EpochPlan((10, 10), 5, epoch=epoch, mix=mix).samples_at(range(15))
+        assert len(set(samples)) == 15
+        seen |= set(samples)
+    assert seen == all_samples((10, 10))

@@ -73,6 +73,15 @@ BAD_TRAIN = [
     ("data.seed=-1", "data.seed=-1: must be an integer from 0 to 4294967295"),
     ("launcher=ray launcher.resources_per_worker=8", "launcher.resources_per_worker=8: must be a mapping"),
     ("name=''", "name=: must be a non-empty string"),
+    ("data.cache_dir=/tmp/c", "data.cache_dir=/tmp/c: needs data.cache_limit, the cache's budget on disk"),
+    ("data.cache_dir=/tmp/c data.cache_limit=0", "data.cache_limit=0: must be a size in bytes above 0"),
+    ("data.cache_policy=fifo", "data.cache_policy=fifo: must be one of plan, lru"),
+    ("data.prefetch=-1", "data.prefetch=-1: must be an integer >= 0"),
+    ("data.shuffle_block=-1", "data.shuffle_block=-1: must be an integer >= 0"),
+    ("data.epoch_samples=0", "data.epoch_samples=0: must be a positive integer"),
+    ("data.mix=[{weight:1}]", "data.mix=[{'weight': 1}]: entry 0: expected {index: PATH_OR_URL, weight: W}"),
+    ("data.mix=[{index:a,weight:-1}]", "data.mix=[{'index': 'a', 'weight': -1}]: entry 0: weight=-1: must"),
+    ("data.mix=[{index:a,colour:red}]", "data.mix=[{'index': 'a', 'colour': 'red'}]: entry 0: unknown key"),
 ]
 
 
@@ -117,6 +126,7 @@ BAD_EVALUATE = [
     ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed: evaluate in 32-true"),
     ("data.batch_size=0", "data.batch_size=0: must be a positive integer"),
     ("overwrite=please", "overwrite=please: must be true or false"),
+    ("data.cache_dir=/tmp/c", "data.cache_dir=/tmp/c: needs data.cache_limit, the cache's budget on disk"),
 ]
 
 

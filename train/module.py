@@ -136,7 +136,8 @@ class TaskModule(L.LightningModule):
         if calibration:  # anomaly: what defect_score 0.5 means, in every checkpoint from now on
             spec = self.net.spec
             self.net.spec = replace(spec, extra={**spec.extra, "calibration": calibration})
-            self.val_metrics.spec = self.net.spec
+            for metrics in (self.val_metrics, *self.source_metrics):
+                metrics.spec = self.net.spec
         shown = {"val/acc", "val/f1", "val/defect_iou", "val/miou", "val/image_auroc", "val/pixel_auroc"}
         self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True)
         self.log_dict({k: v for k, v in values.items() if k not in shown})

@@ -321,13 +321,19 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
         problems.append(
             ("data.index", "is set with data.mix: train on one data set or on a mix (data.index=null)")
         )
-    if data.get("cache_dir") and not data.get("cache_limit"):
-        problems.append(("data.cache_dir", "needs data.cache_limit, the cache's budget on disk (e.g. 20GB)"))
     if launcher.get("kind") == "ray" and launcher.get("strategy") == "fsdp" and not launcher.get("use_gpu"):
         problems.append(
             ("launcher.strategy", "fsdp runs on GPUs only: set launcher.use_gpu=true, or use ddp")
         )
     return problems
+
+
+def _cache(cfg: Mapping) -> list[tuple[str, str]]:
+    """Every command that reads data: a cache needs its budget."""
+    data = cfg.get("data") or {}
+    if data.get("cache_dir") and data.get("cache_limit") is None:
+        return [("data.cache_dir", "needs data.cache_limit, the cache's budget on disk (e.g. 20GB)")]
+    return []
 
 
 def _keys(cfg: Mapping) -> list[tuple[str, str]]:
@@ -355,9 +361,9 @@ def _evaluation_precision(cfg: Mapping) -> list[tuple[str, str]]:
 
 
 TABLES: dict[str, tuple[dict[str, Rule], tuple[Relation, ...]]] = {
-    "train": (TRAIN, (_ranges, _keys)),
-    "evaluate": (EVALUATE, (_evaluation_precision, lambda c: target_keys(c, "data"))),
-    "export": (EXPORT, (lambda c: target_keys(c, "data"),)),
+    "train": (TRAIN, (_ranges, _keys, _cache)),
+    "evaluate": (EVALUATE, (_evaluation_precision, lambda c: target_keys(c, "data"), _cache)),
+    "export": (EXPORT, (lambda c: target_keys(c, "data"), _cache)),
 }
 
 
