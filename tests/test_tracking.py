@@ -77,3 +77,22 @@ def test_two_runs_started_together_share_the_default_mlflow_store(tmp_path, trai
     (experiment,) = [e for e in client.search_experiments() if e.name == "together"]
     found = client.search_runs([experiment.experiment_id])
     assert len(found) == 2 and all("val/acc" in r.data.metrics for r in found)
+
+
+def test_mlflow_tracking_uri_in_the_environment_is_where_training_logs(make_cfg, tmp_path, monkeypatch):
+    """MLflow's convention, as a cluster's environment sets it: training logs there, not to the
+    local SQLite default; logger.mlflow.tracking_uri, when given, wins over both."""
+    import mlflow
+
+    from train.run import train
+
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    cfg = make_cfg("logger=mlflow", "name=from_env")
+    assert cfg.logger.mlflow.tracking_uri == elsewhere
+    train(cfg)
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    client = mlflow.MlflowClient(elsewhere)
+    assert len(client.search_runs([client.get_experiment_by_name("from_env").experiment_id])) == 1
+    explicit = make_cfg("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp_path}/explicit.db")
+    assert explicit.logger.mlflow.tracking_uri == f"sqlite:///{tmp_path}/explicit.db"
