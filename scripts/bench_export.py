@@ -13,6 +13,11 @@ Latency: the same fp32 network as the checkpoint's eager `Network` (torch.infere
 as the exported ONNX model in onnxruntime's CPU provider, on the same uint8 batch, both with
 their default thread counts; per image, median of `--repeat` timed runs after 3 warm-up runs,
 at batch 1 and 32. `ort_over_eager` is eager time / onnxruntime time (above 1: onnxruntime faster).
+
+INT8 (`--int8`): the fp32 ONNX model quantized as `precision=int8` does it (train/quantize.py,
+calibrated on 256 train images), against the fp32 one: file size, onnxruntime latency at batch 1
+and 32, and the export's own gate (`python -m train.export ... precision=int8`): top-1 agreement
+on the parity images and the escape rate at the stored threshold, or the figures it refused on.
 """
 
 from __future__ import annotations
@@ -60,6 +65,54 @@ def latency(run, batch: torch.Tensor, repeat: int) -> float:
     return 1000 * statistics.median(times) / len(batch)
 
 
+def int8_figures(ckpt: str, onnx_dir: str, root: str, size: int, args) -> dict:
+    """Size, latency and the export gate's verdict of the int8 model against the fp32 one."""
+    import onnxruntime as ort
+
+    from data.errors import UserError
+    from train.checkpoint import KEY, trained_on
+    from train.export import calibration_images
+    from train.quantize import quantize
+
+    meta = load_checkpoint(ckpt)[KEY]
+    spec = model_from_checkpoint(load_checkpoint(ckpt)).spec
+    data = trained_on(meta)
+    index = data.get("index") or data["mix"][0]["index"]
+    calibration = compose("export", f"ckpt={ckpt}").calibration
+    images = calibration_images(index, calibration, spec, "crop")
+    int8_path = f"{root}/int8.onnx"
+    out = {"quantization": quantize(f"{onnx_dir}/model.onnx", int8_path, images)}
+    out["size_bytes"] = {
+        "fp32": os.path.getsize(f"{onnx_dir}/model.onnx"),
+        "int8": os.path.getsize(int8_path),
+    }
+    sessions = {
+        k: ort.InferenceSession(p) for k, p in (("fp32", f"{onnx_dir}/model.onnx"), ("int8", int8_path))
+    }
+    out["latency_ms_per_image"] = {}
+    for batch in (1, 32):
+        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).numpy()
+        out["latency_ms_per_image"][f"batch{batch}"] = {
+            k: latency(lambda a, s=sess: s.run(None, {"images": a}), x, args.repeat)
+            for k, sess in sessions.items()
+        }
+    try:
+        report = export(
+            compose(
+                "export",
+                f"ckpt={ckpt}",
+                "precision=int8",
+                f"out={root}/onnx-int8",
+                f"parity.samples={args.parity_images}",
+            )
+        )
+        out["gate"] = {"published": True, "batches": report["batches"], "escape": report.get("escape")}
+    except UserError as e:
+        out["gate"] = {"published": False, "refused": str(e)}
+    print(f"int8: {out['size_bytes']}, {out['latency_ms_per_image']}, gate: {out['gate']}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a checkpoint to export (default: a random stand-in)")
@@ -68,6 +121,7 @@ def main() -> None:
     p.add_argument("--parity-images", type=int, default=256)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--formats", default="onnx/fp32,onnx/fp16,torchscript/fp32,torchscript/fp16,coreml/fp16")
+    p.add_argument("--int8", action="store_true", help="also quantize to int8 and compare (needs a data set)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
 
@@ -110,6 +164,8 @@ def main() -> None:
             f"batch {batch:>2}: eager {t_eager:.2f} ms/image, onnxruntime {t_ort:.2f} ms/image "
             f"-> onnxruntime is {t_eager / t_ort:.2f}x eager"
         )
+    if args.int8:
+        figures["int8"] = int8_figures(ckpt, onnx_dir, root, size, args)
     for entry, r in figures["parity"].items():
         print(f"parity {entry}: {r}")
     if args.json:

@@ -219,7 +219,7 @@ def test_a_converter_failure_names_the_versions_and_publishes_nothing(model_ckpt
     ("override", "message"),
     [
         ("format=tflite", "format=tflite: must be one of onnx, torchscript, coreml"),
-        ("precision=int8", "precision=int8: must be one of fp32, fp16"),
+        ("precision=int4", "precision=int4: must be one of fp32, fp16, int8"),
         ("data.index=/nowhere", "/nowhere"),
     ],
 )
@@ -227,3 +227,32 @@ def test_bad_input_gets_one_message(model_ckpt, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         export(export_cfg(model_ckpt, tmp_path / "b", override))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_triton_repository_matches_its_onnx_graph(model_ckpt, tmp_path):
+    """triton=NAME: config.pbtxt names the graph's own input and output, with their types and
+    dims after a dynamic batch, and a label file for the classes; the repository holds the same
+    model file as the bundle."""
+    import onnx
+
+    report = export(export_cfg(model_ckpt, tmp_path / "b", "format=onnx", "triton=inspect"))
+    repo = tmp_path / "b" / "triton" / "inspect"
+    assert report["triton"] == str(repo)
+    assert (repo / "1" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    graph = onnx.load(repo / "1" / "model.onnx").graph
+    text = (repo / "config.pbtxt").read_text()
+    kinds = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+    blocks = dict(re.findall(r"(input|output) \[\s*\{(.*?)\}\s*\]", text, re.S))
+    for kind, tensor in (("input", graph.input[0]), ("output", graph.output[0])):
+        block = blocks[kind]
+        dims = [d.dim_value for d in tensor.type.tensor_type.shape.dim]
+        assert tensor.type.tensor_type.shape.dim[0].dim_param  # the batch: dynamic in the graph
+        assert (
+            f'name: "{tensor.name}"' in block
+            and f"data_type: {kinds[tensor.type.tensor_type.elem_type]}" in block
+        )
+        assert f"dims: [ {', '.join(map(str, dims[1:]))} ]" in block
+    assert 'platform: "onnxruntime_onnx"' in text and re.search(r"max_batch_size: [1-9]", text)
+    assert "dynamic_batching" in text and 'label_filename: "labels.txt"' in blocks["output"]
+    classes = json.loads((tmp_path / "b" / "preprocess.json").read_text())["classes"]
+    assert (repo / "labels.txt").read_text().splitlines() == classes

@@ -20,8 +20,9 @@ log = logging.getLogger("train")
 NEEDS = {"onnx": ("onnxscript", "onnx", "onnxruntime"), "coreml": ("coremltools",), "torchscript": ()}
 
 
-def convert(model: nn.Module, fmt: str, path: str, example: torch.Tensor) -> dict:
-    """Write `model` to `path` in `fmt`; returns what the format's own checks said."""
+def convert(model: nn.Module, fmt: str, path: str, example: torch.Tensor, int8_weights: bool = False) -> dict:
+    """Write `model` to `path` in `fmt`; returns what the format's own checks said. `int8_weights`:
+    Core ML's weights linearly quantized to int8 (ONNX's int8 is train/quantize.py's)."""
     if fmt == "onnx":
         import onnx
 
@@ -49,10 +50,10 @@ def convert(model: nn.Module, fmt: str, path: str, example: torch.Tensor) -> dic
             traced = torch.jit.freeze(torch.jit.trace(model, example))
         traced.save(path)
         return {"traced_with_batch": len(example)}
-    return _coreml(model, path, example)
+    return _coreml(model, path, example, int8_weights)
 
 
-def _coreml(model: nn.Module, path: str, example: torch.Tensor) -> dict:
+def _coreml(model: nn.Module, path: str, example: torch.Tensor, int8_weights: bool = False) -> dict:
     import coremltools as ct
 
     half = model.net.mean.dtype == torch.float16
@@ -68,6 +69,11 @@ def _coreml(model: nn.Module, path: str, example: torch.Tensor) -> dict:
         compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
         minimum_deployment_target=ct.target.iOS16,
     )
+    if int8_weights:  # weights stored as int8 with a scale per output channel; arithmetic as before
+        from coremltools.optimize import coreml as cto
+
+        config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric"))
+        ml = cto.linear_quantize_weights(ml, config=config)
     ml.user_defined_metadata["classes"] = json.dumps(list(model.net.spec.classes))
     ml.save(path)
     # Validation that runs anywhere: the saved package loads as an ML program with our interface.

@@ -35,12 +35,19 @@ from train.convert import check_installed, convert, converter_version
 from train.decision import threshold_of
 from train.network import Network
 from train.outputs import check_out, published
+from train.parity import (
+    AGREEMENT,
+    INT8_AGREEMENT,
+    TOLERANCE,
+    WHOLE_PARTS,
+    calibration_images,
+    check_parity,
+    parity_images,
+)
+from train.quantize import escape_gate, quantize
 from train.tiled import cut, of_part, tiled
 
 log = logging.getLogger("train")
-# Largest difference in any class probability, export against checkpoint. fp16 carries 11
-# significant bits (about 3 decimal digits), so its outputs differ by up to ~1e-3 on deep nets.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 class Probabilities(nn.Module):
@@ -54,89 +61,6 @@ class Probabilities(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.probabilities(images)
-
-
-def parity_images(
-    index_url: str, split: str, n: int, size: int, crop_pct: float, fit: str = "crop"
-) -> torch.Tensor:
-    """The first `n` decodable images of `split`, through the eval transform: uint8 (n, 3, S, S)."""
-    from data.index import load_index
-    from data.samples import BadSample, image_bytes, read_shard
-    from data.transforms import EvalTransform
-
-    index = load_index(index_url)
-    transform = EvalTransform(size, crop_pct, fit, index.extra.get("bit_depth"))  # 16-bit: as trained
-    images = []
-    for shard in index.split(split).shards:
-        for sample in read_shard(index.shard_url(shard)):
-            try:
-                image = transform(image_bytes(sample))
-            except (BadSample, OSError, ValueError):
-                continue  # parity needs images the model can see; bad ones are `data verify`'s
-            if images and image.shape != images[0].shape:
-                continue  # whole parts (fit "none") of another size than the first: not stackable
-            images.append(image)
-            if len(images) == n:
-                return torch.stack(images)
-    if len(images) < 2:  # one image would leave a batch over 1 unchecked
-        raise UserError(
-            f"split {split!r} of {index.location} has {len(images)} decodable images; parity needs 2 or more"
-        )
-    return torch.stack(images)
-
-
-WHOLE_PARTS = 4  # parity images of a model trained on tiles: whole parts, hundreds of tiles each
-
-# Share of decisions (a part's class, a label, a pixel's class) the export must reproduce at
-# fp32: every one, but for segmentation 99.9% of pixels (an argmax on a border pixel between two
-# near-equal classes may flip with the last bit of float arithmetic).
-AGREEMENT = {"classify": 1.0, "multilabel": 1.0, "segment": 0.999, "anomaly": 1.0}
-
-
-def check_parity(
-    reference: np.ndarray,
-    exported: np.ndarray,
-    tolerance: float,
-    precision: str,
-    task: str = "classify",
-    threshold: float = 0.5,
-) -> dict:
-    """Decision agreement and largest probability difference: the top class per part (per
-    pixel for segmentation), or each label at 0.5 for multi-label. At fp32 the task's share must
-    agree. At fp16 a disagreement is excused where the checkpoint's own two choices lie within
-    2 × tolerance (a near-tie the allowed rounding may flip); how many were is reported. For
-    anomaly the outputs are calibrated maps, and the decision is each part's stop at `threshold`."""
-    diff = float(np.abs(reference - exported).max())
-    if task == "anomaly":  # calibrated maps (n, 1, S, S): each part's score, and its stop at `threshold`
-        ref, got = (
-            reference.reshape(len(reference), -1).max(axis=1),
-            exported.reshape(len(exported), -1).max(axis=1),
-        )
-        agree = (ref >= threshold) == (got >= threshold)
-        margin = np.abs(ref - threshold) * 2
-        near_tie = margin <= 2 * tolerance
-        return {
-            "max_abs_diff": diff,
-            "max_abs_score_diff": float(np.abs(ref - got).max()),
-            "top1_agreement": float(agree.mean()),
-            "near_ties_excused": int((~agree & near_tie).sum()),
-            "passed": bool(diff <= tolerance and (agree | near_tie).all()),
-        }
-    if task == "multilabel":
-        agree = (reference >= 0.5) == (exported >= 0.5)
-        margin = np.abs(reference - 0.5) * 2  # the two choices: p and 1 - p
-    else:
-        agree = reference.argmax(axis=1) == exported.argmax(axis=1)
-        top2 = np.sort(reference, axis=1)[:, -2:]
-        margin = np.take(top2, 1, axis=1) - np.take(top2, 0, axis=1)
-    near_tie = margin <= 2 * tolerance if precision == "fp16" else np.zeros(agree.shape, bool)
-    required = AGREEMENT[task] if precision == "fp32" else 1.0
-    return {
-        "max_abs_diff": diff,
-        "top1_agreement": float(agree.mean()),
-        "near_ties_excused": int((~agree & near_tie).sum()),
-        "passed": bool(diff <= tolerance and (agree | near_tie).mean() >= required),
-    }
 
 
 def export(cfg: DictConfig) -> dict:
@@ -188,10 +112,18 @@ def export(cfg: DictConfig) -> dict:
     view = task.parity_view(spec) if hasattr(task, "parity_view") else (lambda x: x)
     model = Probabilities(copy.deepcopy(net).half() if precision == "fp16" else net).eval()
     tolerance = float(TOLERANCE[precision] if cfg.parity.tolerance is None else cfg.parity.tolerance)
+    int8_onnx = precision == "int8" and fmt == "onnx"
+    calibration = calibration_images(index, cfg.calibration, spec, task.eval_fit) if int8_onnx else None
 
     with published(out) as tmp:
+        path = os.path.join(tmp, bundle.FILES[fmt])
         try:
-            checks = convert(model, fmt, os.path.join(tmp, bundle.FILES[fmt]), example)
+            if int8_onnx:  # fp32 first, then quantized into the bundle's file
+                checks = convert(model, fmt, f"{path}.fp32", example)
+                checks["int8"] = quantize(f"{path}.fp32", path, calibration)
+                os.remove(f"{path}.fp32")
+            else:
+                checks = convert(model, fmt, path, example, int8_weights=precision == "int8")
         except UserError:
             raise
         except Exception as e:  # a converter's own failure, typically after a torch upgrade
@@ -208,10 +140,12 @@ def export(cfg: DictConfig) -> dict:
             "images": len(images),
             "data": {"index": index, "split": cfg.parity.split},
             "tolerance": {
-                "max_abs_diff": tolerance,
-                "top1_agreement": AGREEMENT[task.name]
-                if precision == "fp32"
-                else "1.0 but for near-ties (top two within 2 x tolerance)",
+                "max_abs_diff": tolerance if precision != "int8" else None,  # int8: decisions only
+                "top1_agreement": {
+                    "fp32": AGREEMENT[task.name],
+                    "fp16": "1.0 but for near-ties (top two within 2 x tolerance)",
+                    "int8": INT8_AGREEMENT,
+                }[precision],
             },
             "checks": checks,
             "batches": {},
@@ -232,17 +166,33 @@ def export(cfg: DictConfig) -> dict:
                 )
         # None: not checked (Core ML off macOS), which is not the same as passed.
         report["passed"] = all(b["passed"] for b in report["batches"].values()) if report["batches"] else None
+        if int8_onnx and report["passed"]:  # decisions agree: does the line's escape rate hold?
+            report["escape"] = escape_gate(tmp, meta, _evaluated_on(meta, index))
+            report["passed"] = report["escape"] is None or report["escape"]["passed"]
         with open(os.path.join(tmp, "parity.json"), "w") as f:
             json.dump(report, f, indent=2)
+        if cfg.triton and report["passed"]:  # published with the bundle, whole, or not at all
+            from train.triton import write_repository
+
+            write_repository(tmp, os.path.join(tmp, "triton"), str(cfg.triton), list(spec.classes))
+            report["triton"] = os.path.join(out, "triton", str(cfg.triton))
         if report["passed"] is False:
             worst = ", ".join(
                 f"batch {b}: top-1 agreement {r['top1_agreement']:.4f}, max |Δp| {r['max_abs_diff']:.2e}"
                 for b, r in report["batches"].items()
             )
-            allowed = AGREEMENT[task.name] if precision == "fp32" else 1
+            allowed = {"fp32": AGREEMENT[task.name], "fp16": 1, "int8": INT8_AGREEMENT}[precision]
+            escape = report.get("escape")
+            if escape and not escape["passed"]:
+                worst += (
+                    f"; escape rate at the threshold {escape['threshold']:.4f} on split {escape['split']}: "
+                    f"{escape['escape_rate_int8']:.4f}, above the checkpoint's 95% bound "
+                    f"{escape['escape_rate_fp32_upper95']:.4f}"
+                )
             raise UserError(
                 f"the {fmt} {precision} export does not reproduce the checkpoint on {len(images)} images "
                 f"({worst}; allowed: agreement {allowed}, max |Δp| {tolerance:.0e}), so it was not written"
+                + (" (export in fp16 or fp32)" if precision == "int8" else "")
             )
     for batch, r in report["batches"].items():
         log.info(
@@ -259,6 +209,11 @@ def export(cfg: DictConfig) -> dict:
 
         register(out, str(cfg.register), cfg.mlflow.tracking_uri, meta, report)
     return report
+
+
+def _evaluated_on(meta: dict, index: str) -> str:
+    """The data set evaluation chose the threshold on (its escape figures are of that split)."""
+    return ((meta.get("evaluation") or {}).get("dataset") or {}).get("index") or index
 
 
 def _source(ckpt_path: str, meta: dict, index: str) -> dict:

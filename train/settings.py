@@ -271,11 +271,14 @@ EVALUATE: dict[str, Rule] = {  # ckpt and out: the commands say how to set them
 EXPORT: dict[str, Rule] = {
     "overwrite": flag,
     "format": choice("onnx", "torchscript", "coreml"),
-    "precision": choice("fp32", "fp16"),
+    "precision": choice("fp32", "fp16", "int8"),
+    "calibration.split": text,
+    "calibration.samples": integer(32),
     "parity.split": text,
     "parity.samples": integer(2),
     "parity.tolerance": optional(number(0, open_low=True)),
     "register": optional(text),
+    "triton": optional(text),
     "mlflow.tracking_uri": text,
     "seed": SEED,
     **DATA,
@@ -328,6 +331,20 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
     return problems
 
 
+def _export_options(cfg: Mapping) -> list[tuple[str, str]]:
+    if cfg.get("triton") and cfg.get("format") != "onnx":
+        return [("triton", "a Triton repository serves the ONNX model: export with format=onnx")]
+    if cfg.get("precision") == "int8" and cfg.get("format") == "torchscript":
+        return [
+            (
+                "precision",
+                "int8 is for format=onnx (onnxruntime's static quantization) or coreml (int8 weights); "
+                "TorchScript exports fp32 or fp16",
+            )
+        ]
+    return []
+
+
 def _cache(cfg: Mapping) -> list[tuple[str, str]]:
     """Every command that reads data: a cache needs its budget."""
     data = cfg.get("data") or {}
@@ -363,7 +380,7 @@ def _evaluation_precision(cfg: Mapping) -> list[tuple[str, str]]:
 TABLES: dict[str, tuple[dict[str, Rule], tuple[Relation, ...]]] = {
     "train": (TRAIN, (_ranges, _keys, _cache)),
     "evaluate": (EVALUATE, (_evaluation_precision, lambda c: target_keys(c, "data"), _cache)),
-    "export": (EXPORT, (lambda c: target_keys(c, "data"), _cache)),
+    "export": (EXPORT, (lambda c: target_keys(c, "data"), _cache, _export_options)),
 }
 
 
