@@ -222,6 +222,9 @@ class BundleModel:
 
 def load_bundle(path: str, device: str | torch.device = "cpu") -> BundleModel:
     directory = os.path.dirname(path) if os.path.basename(path) == PREPROCESS else path
+    registered = os.path.isfile(os.path.join(directory, "MLmodel"))  # a registry's pyfunc (train/served.py)
+    if registered and not os.path.isfile(os.path.join(directory, PREPROCESS)):
+        directory = os.path.join(directory, "artifacts", "bundle")
     described = os.path.join(directory, PREPROCESS)
     if not os.path.isfile(described):
         raise UserError(

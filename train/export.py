@@ -7,7 +7,9 @@
     real images of the data set (eval transform) ──▶ both ──▶ parity.json ──▶ published, or refused
 
 A bundle whose parity fails is not published: the command exits 2 with the figures.
-`register=NAME` also makes the bundle the next version of an MLflow registered model.
+`register=NAME` also makes the bundle the next version of an MLflow registered model (a pyfunc
+that `mlflow models serve` serves), and `alias=champion` points the alias at it when its
+evaluation met its target and parity passed.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def export(cfg: DictConfig) -> dict:
             "to ship one",
             cfg.ckpt,
         )
+    if cfg.alias:  # before anything is written: a refused alias publishes nothing
+        from train.registry import alias_refusal
+
+        refusal = alias_refusal(meta, fmt, sys.platform)
+        if refusal:
+            raise UserError(f"alias={cfg.alias}: {refusal}")
     # parity images: the data set given, or the one it trained on (a mix's first source)
     data = trained_on(meta)
     index = cfg.data.index or data.get("index") or data["mix"][0]["index"]
@@ -207,7 +215,7 @@ def export(cfg: DictConfig) -> dict:
     if cfg.register:
         from train.registry import register
 
-        register(out, str(cfg.register), cfg.mlflow.tracking_uri, meta, report)
+        register(out, str(cfg.register), cfg.mlflow.tracking_uri, meta, report, cfg.alias and str(cfg.alias))
     return report
 
 

@@ -10,6 +10,7 @@ with the closest one it does. `check(cfg, "train")` raises one UserError, e.g.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from omegaconf import DictConfig, ListConfig
@@ -278,6 +279,7 @@ EXPORT: dict[str, Rule] = {
     "parity.samples": integer(2),
     "parity.tolerance": optional(number(0, open_low=True)),
     "register": optional(text),
+    "alias": optional(text),
     "triton": optional(text),
     "mlflow.tracking_uri": text,
     "seed": SEED,
@@ -332,6 +334,11 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
 
 
 def _export_options(cfg: Mapping) -> list[tuple[str, str]]:
+    if cfg.get("alias") and not cfg.get("register"):
+        return [("alias", "an alias names a registered model's version: give register=NAME too")]
+    alias = str(cfg.get("alias") or "")
+    if alias and (not re.fullmatch(r"[A-Za-z0-9_-]+", alias) or re.fullmatch(r"latest|v\d+", alias, re.I)):
+        return [("alias", "letters, digits, _ and - only; not latest or v<number> (MLflow reserves them)")]
     if cfg.get("triton") and cfg.get("format") != "onnx":
         return [("triton", "a Triton repository serves the ONNX model: export with format=onnx")]
     if cfg.get("precision") == "int8" and cfg.get("format") == "torchscript":
