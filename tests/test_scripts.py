@@ -76,6 +76,20 @@ def test_bench_export_reports_parity_and_latency(tmp_path):
     assert figures["ort_over_eager"]["batch1"] > 0 and figures["ort_over_eager"]["batch32"] > 0
 
 
+def test_bench_serve_reports_requests_per_second(tmp_path):
+    run(
+        "bench_serve.py",
+        *("--backbone", "test_resnet", "--image-size", "32", "--requests", "20", "--clients", "1,2"),
+        *("--json", str(tmp_path / "serve.json")),
+        cwd=tmp_path,
+    )
+    figures = json.loads((tmp_path / "serve.json").read_text())
+    assert figures["inprocess_images_per_s"] > 0
+    for clients in ("clients1", "clients2"):
+        assert figures["served"][clients]["requests_per_s"] > 0
+        assert figures["served"][clients]["served_over_inprocess"] > 0
+
+
 def test_bench_preemption_reports_both_exits_and_the_check_time(tmp_path):
     tiny = ("data.synthetic.num_samples=400", "data.synthetic.image_size=48", "data.image_size=32")
     run(
