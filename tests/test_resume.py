@@ -337,3 +337,17 @@ def test_resume_auto_passes_over_a_torn_checkpoint_and_stops_when_none_loads(tmp
         UserError, match=r"resume=auto: no checkpoint of this run loads \(.*last.ckpt, .*epoch000"
     ):
         resume.find_resume("auto", str(tmp_path / "new"), str(runs))
+
+
+def test_the_epoch_end_overwrites_the_mid_epoch_last_ckpt(make_cfg):
+    """every_n_steps writes last.ckpt mid-epoch; the epoch's end then writes the same file, not a
+    last-v1.ckpt beside it that would leave resume=auto a few steps behind."""
+    from train.run import train
+
+    cfg = make_cfg("checkpoint.every_n_steps=2", "trainer.max_epochs=2")
+    result = train(cfg)
+    checkpoints = os.path.join(cfg.paths.output_dir, "checkpoints")
+    assert sorted(n for n in os.listdir(checkpoints) if n.startswith("last")) == ["last.ckpt"]
+    last = torch.load(os.path.join(checkpoints, "last.ckpt"), map_location="cpu", weights_only=True)
+    assert last["global_step"] == result["global_step"] == 2 * (180 // 16)
+    assert result["last_checkpoint"] == os.path.join(checkpoints, "last.ckpt")

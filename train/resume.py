@@ -173,6 +173,15 @@ class BestCheckpoints(ModelCheckpoint):
     linked (or copied) into the new directory and keep competing, so the run's best checkpoint
     is the best of all its epochs."""
 
+    def _save_last_checkpoint(self, trainer, monitor_candidates: dict) -> None:
+        # last.ckpt is shared with MidEpochCheckpoint (train/midepoch.py), which writes it every N
+        # steps. Lightning would take that file for someone else's and write last-v1.ckpt beside
+        # it, leaving the last.ckpt resume=auto takes a few steps behind the epoch's end: here it
+        # is this callback's own, overwritten and never versioned.
+        if self.save_last:
+            self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
     def load_state_dict(self, state_dict: dict) -> None:
         old = state_dict.get("dirpath")
         if old and self.dirpath and os.path.abspath(old) != os.path.abspath(self.dirpath):
