@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,7 @@ def test_two_process_ddp_on_cpu_counts_every_val_sample_once(tmp_path, train_com
     ranks = [p.read_text().split() for p in sorted(last.parent.parent.glob("audit/epoch000-rank*.txt"))]
     assert [len(r) for r in ranks] == [80, 80]  # each rank its own samples, disjoint
     assert not set(ranks[0]) & set(ranks[1])
+    # summary.json, written once (by rank 0): the best checkpoint a pipeline's next step takes
+    summary = json.loads((last.parent.parent / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"]).parent == last.parent and summary["last_checkpoint"] == str(last)
+    assert summary["global_step"] == 5 and "val/acc" in summary["metrics"]
