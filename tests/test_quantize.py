@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,65 @@ def test_int8_settings_are_checked_before_anything_runs(tmp_path):
         settings.check(
             export_cfg("a.ckpt", tmp_path / "b", "precision=int8", "calibration.samples=8"), "export"
         )
+
+
+def _evaluated(tmp_path, index: str, *overrides: str) -> str:
+    from tests.test_tasks import _train
+    from train.cli import compose
+    from train.evaluate import evaluate
+
+    ckpt = _train(tmp_path, index, *overrides)
+    base = ["trainer=cpu", "trainer.enable_progress_bar=false", "data.batch_size=16", "data.num_workers=0"]
+    evaluate(compose("evaluate", f"ckpt={ckpt}", f"out={tmp_path}/eval", *base))
+    return f"{tmp_path}/eval/model.ckpt"
+
+
+def test_int8_multilabel_is_judged_on_each_label_and_predicts_as_the_checkpoint(tmp_path):
+    from data.sources import from_synthetic
+    from data.write import write_dataset
+    from tests.test_tasks import _val_images
+
+    items = from_synthetic(240, seed=3, size=48, multi=0.5)
+    index = write_dataset(items, str(tmp_path / "multi"), val_fraction=0.25, shard_samples=50, workers=1)
+    index = index.index.location
+    evaluated = _evaluated(tmp_path, index, "task=multilabel")
+    report = export(export_cfg(evaluated, tmp_path / "int8", "precision=int8"))
+    assert report["passed"] is True and "Conv" in report["checks"]["int8"]["quantized_ops"]
+    for batch in report["batches"].values():  # each of 5 labels of 24 images
+        assert batch["top1_agreement"] >= 0.99
+    images = _val_images(index, 12)
+    ours = load_model(evaluated).predict(images)
+    theirs = load_model(str(tmp_path / "int8")).predict(images)
+    assert np.mean([a["labels"] == b["labels"] for a, b in zip(ours, theirs)]) >= 0.9
+
+
+def test_int8_segmentation_is_judged_on_every_pixel(tmp_path, tiny_index):
+    """A segmenter is judged on each pixel's class. This one trained 2 epochs and is unsure of
+    most of its pixels (about 30% have their top two classes within 0.05). About 3% of its
+    pixels flip in int8, all of them near-ties, so the gate refuses it and writes nothing."""
+    evaluated = _evaluated(tmp_path, tiny_index, "task=segment", "task.decoder_channels=[16,16,16,8,8]")
+    with pytest.raises(UserError, match=r"int8 export does not reproduce .* top-1 agreement 0\.9[0-8]\d\d"):
+        export(export_cfg(evaluated, tmp_path / "int8", "precision=int8"))
+    assert not (tmp_path / "int8").exists()
+
+
+def test_coreml_int8_stores_int8_weights_and_validates(model_ckpt, tmp_path):  # noqa: F811
+    import coremltools as ct
+
+    report = export(
+        export_cfg(model_ckpt, tmp_path / "ml8", "format=coreml", "precision=int8", "parity.samples=8")
+    )
+    assert report["checks"]["coreml_spec"].startswith("valid mlprogram") and report["precision"] == "int8"
+    spec = ct.models.MLModel(str(tmp_path / "ml8" / "model.mlpackage"), skip_model_load=True).get_spec()
+    ops = [
+        op.type
+        for f in spec.mlProgram.functions.values()
+        for b in f.block_specializations.values()
+        for op in b.operations
+    ]
+    assert ops.count("constexpr_affine_dequantize") >= 5  # each large conv's weights: int8 and a scale
+    weights = tmp_path / "ml8" / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    fp32 = export(export_cfg(model_ckpt, tmp_path / "ml32", "format=coreml", "parity.samples=8"))
+    assert fp32["precision"] == "fp32"
+    full = tmp_path / "ml32" / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    assert weights.stat().st_size < 0.6 * full.stat().st_size
