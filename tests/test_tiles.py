@@ -409,3 +409,19 @@ def test_an_image_smaller_than_a_tile_is_padded_with_a_note(caplog):
         slots = Slots(Tiling(128, 16), [2], [[[100, 60, 1], [300, 200, 1]]])
     assert slots.per_shard == (1 + Tiling(128, 16).count(300, 200),)
     assert "1 images are smaller than a 128 px tile" in caplog.text
+
+
+def test_int8_calibration_of_a_tiled_model_sees_tiles_of_whole_parts(parts_index):
+    """precision=int8 calibrates a tiled model on what it sees: tiles of the train split's whole
+    parts with its training grid, resized to its input, spread over each part."""
+    from omegaconf import OmegaConf
+
+    from train.network import ModelSpec
+    from train.parity import calibration_images
+
+    spec = ModelSpec("test_resnet", ("ok", "defect"), 32, tiles={"size": 64, "overlap": 8})
+    images = calibration_images(
+        parts_index, OmegaConf.create({"split": "train", "samples": 64}), spec, "stretch"
+    )
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
+    assert len({bytes(t.numpy()) for t in images}) == 64  # 16 different tiles from each of 4 parts
