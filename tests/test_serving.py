@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -117,6 +118,10 @@ def test_mlflow_models_serve_answers_with_the_checkpoints_decisions(
         assert json.loads(a["probs"]).keys() == r["probs"].keys()
         if abs(r["defect_score"] - threshold) > 1e-5:  # a part on the threshold is a float-bit tie
             assert a["defect"] == r["defect"]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # not an image: one clear 400, no crash
+        invoke(url, [b"not an image at all"])
+    assert refused.value.code == 400 and "column image:" in refused.value.read().decode()
+    assert invoke(url, images[:1])[0]["label"] == ours[0]["label"]  # and the server still answers
     client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version_by_alias(name, "champion")
     signature = mlflow.models.get_model_info(f"models:/{name}@champion").signature

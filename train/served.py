@@ -6,8 +6,8 @@
 The registered model's directory (MLflow's layout):
 
     MLmodel                    flavor python_function, the signature below
-    python_model.py            this module's model, by code (MLflow's "models from code": nothing
-                               is pickled, so loading the model runs no stored bytes)
+    served_model.py            the model as source (MLflow's "models from code"): loading runs
+                               this readable file, and nothing is unpickled
     artifacts/bundle/          the export bundle itself (model file, preprocess.json, parity.json)
 
 Signature. In: a column `image` of encoded image bytes (JPEG, PNG, TIFF; base64 in a JSON request,

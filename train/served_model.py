@@ -21,8 +21,15 @@ class BundlePyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # MLflow's schema enforcement has turned a base64 request column into bytes already.
+        from mlflow.exceptions import MlflowException
+
         images = [bytes(x) for x in model_input["image"]]
-        results = self.model.predict(images) if images else []
+        try:
+            results = self.model.predict(images) if images else []
+        except (OSError, ValueError) as e:  # not an image: the client's mistake, answered with 400
+            raise MlflowException.invalid_parameter_value(
+                f"column image: {e}; send each image's encoded file bytes (JPEG, PNG, TIFF), base64 in JSON"
+            ) from None
         names = [name for name, _ in columns(self.task)]
         return pd.DataFrame([row(r, self.task, self.good) for r in results], columns=names)
 
