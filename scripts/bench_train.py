@@ -13,9 +13,12 @@ seed, same batch):
 
 ours / plain is what Lightning, our module (metrics, logging, hooks) and the trainer add around
 the step, not a loader comparison (scripts/bench_loader.py is that); ours / resident is how much
-of the device's speed the data path keeps. Each runs `--warmup` steps, then `--steps` timed
-steps. `--index` trains on a given data set (else a synthetic one is written to a temporary
-directory); `--device cuda --precision bf16-mixed --channels-last` is the GPU configuration.
+of the device's speed the data path keeps. `--recipes` adds, in the same rounds, ours with
+`ema.decay=0.999` (Lightning's EMAWeightAveraging, every step) and ours with mixup and cutmix
+(`mixup.alpha=0.2 mixup.cutmix_alpha=1.0`, on the device): `ema_over_ours`, `mixup_over_ours`.
+Each runs `--warmup` steps, then `--steps` timed steps. `--index` trains on a given data set
+(else a synthetic one is written to a temporary directory); `--device cuda --precision
+bf16-mixed --channels-last` is the GPU configuration.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def config(index: str, out: str, args: argparse.Namespace):
+def config(index: str, out: str, args: argparse.Namespace, *extra: str):
     overrides = [
+        *extra,
         f"paths.output_dir={out}",
         "data=shards",
         f"data.index={index}",
@@ -88,7 +92,7 @@ class Resident:
         return self.steps
 
 
-def ours(cfg, args: argparse.Namespace, resident: bool = False) -> float:
+def ours(cfg, args: argparse.Namespace, resident: bool = False, ema: bool = False) -> float:
     L.seed_everything(0, verbose=False)
     datamodule, module = build(cfg)
     if resident:
@@ -96,6 +100,11 @@ def ours(cfg, args: argparse.Namespace, resident: bool = False) -> float:
         datamodule = None
         loader = Resident(batch, args.device, args.warmup + args.steps)
     clock = StepClock(args.warmup)
+    averaging = []
+    if ema:  # first, as train.run puts it
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        averaging = [EMAWeightAveraging(decay=0.999)]
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -106,7 +115,7 @@ def ours(cfg, args: argparse.Namespace, resident: bool = False) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[clock],
+        callbacks=[*averaging, clock],
     )
     if resident:
         trainer.fit(module, train_dataloaders=loader)
@@ -161,6 +170,7 @@ def main() -> None:
     parser.add_argument("--index", help="a dataset.json to train on (default: write a synthetic one)")
     parser.add_argument("--images", type=int, default=3000, help="synthetic data set size")
     parser.add_argument("--rounds", type=int, default=2, help="alternate plain/ours this many times")
+    parser.add_argument("--recipes", action="store_true", help="also ours with EMA, and with mixup + cutmix")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -171,16 +181,23 @@ def main() -> None:
             images = from_synthetic(args.images, seed=1, size=stored)
             index = write_dataset(images, f"{tmp}/shards", shard_samples=500).index.location
         cfg = config(index, f"{tmp}/out", args)
+        mixed = config(index, f"{tmp}/out", args, "mixup.alpha=0.2", "mixup.cutmix_alpha=1.0")
         # Alternating rounds, best of each: a slow first run (caches, page faults) or a
         # neighbour on the machine does not decide the ratio.
-        runs = {"plain": [], "ours": [], "resident": []}
+        runs = {"plain": [], "ours": [], "resident": []} | ({"ema": [], "mixup": []} if args.recipes else {})
         for _ in range(args.rounds):
             runs["plain"].append(plain(cfg, args))
             runs["ours"].append(ours(cfg, args))
             runs["resident"].append(ours(cfg, args, resident=True))
+            if args.recipes:
+                runs["ema"].append(ours(cfg, args, ema=True))
+                runs["mixup"].append(ours(mixed, args))
     figures = {name: max(values) for name, values in runs.items()}
     figures["ours_over_plain"] = figures["ours"] / figures["plain"]
     figures["ours_over_resident"] = figures["ours"] / figures["resident"]
+    for recipe in ("ema", "mixup"):
+        if recipe in figures:
+            figures[f"{recipe}_over_ours"] = figures[recipe] / figures["ours"]
     figures["runs"] = runs
     print(
         f"{args.backbone} at {args.image_size} px, batch {args.batch}, {args.device} "
@@ -193,6 +210,9 @@ def main() -> None:
         print(f"  {name:9s} {figures[name]:9.1f} images/s  (rounds: {rounds})")
     print(f"  ours_over_plain     {figures['ours_over_plain']:.3f}")
     print(f"  ours_over_resident  {figures['ours_over_resident']:.3f}")
+    for recipe in ("ema", "mixup"):
+        if f"{recipe}_over_ours" in figures:
+            print(f"  {recipe}_over_ours{' ' * (9 - len(recipe))}{figures[f'{recipe}_over_ours']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

@@ -39,11 +39,22 @@ def test_bench_train_writes_the_framework_ratio(tmp_path):
     run(
         "bench_train.py",
         *("--backbone", "test_resnet", "--image-size", "32", "--batch", "16", "--images", "200"),
-        *("--warmup", "1", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "train.json")),
+        *(
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--recipes",
+            "--json",
+            str(tmp_path / "train.json"),
+        ),
         cwd=tmp_path,
     )
     figures = json.loads((tmp_path / "train.json").read_text())
     assert figures["ours_over_plain"] > 0 and figures["ours_over_resident"] > 0
+    assert figures["ema_over_ours"] > 0 and figures["mixup_over_ours"] > 0
 
 
 def test_bench_plan_and_stream_run(tmp_path):

@@ -50,6 +50,7 @@ class TaskModule(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         sources: tuple[str, ...] = (),
+        mixer=None,
     ):
         super().__init__()
         self.net, self.task = net, task
@@ -61,6 +62,7 @@ class TaskModule(L.LightningModule):
         self.classes = net.spec.classes
         self.train_metric = task.train_metric(net.spec)  # classify: accuracy; None elsewhere
         self.val_metrics = task.metrics(net.spec)
+        self.mixer = mixer if mixer is not None and mixer.on else None  # train/mixing.py: mixup, cutmix
         self.sources = tuple(sources)  # a list, not a dict: a source's name may hold dots
         self.source_metrics = nn.ModuleList(task.metrics(net.spec) for _ in self.sources)
         self.confusion: list[list[int]] | None = None  # classes or pixels; rows: true, columns: predicted
@@ -80,8 +82,14 @@ class TaskModule(L.LightningModule):
         images, targets = batch[0], batch[1]  # uint8 (B, 3, H, W), the task's targets; then keys, bad counts
         if hasattr(self.task, "train_step"):  # anomaly: synthetic defects, or a memory bank
             return self.task.train_step(self, images, targets, batch[2])
-        logits = self(images)
-        loss = self.loss(logits, targets)
+        if self.mixer is not None:  # on the device: soft targets (B, C), each row summing to 1
+            images, soft, _ = self.mixer(images, targets, self.global_step, self.global_rank)
+            logits = self(images)
+            loss = self.loss(logits, soft)
+            targets = soft.argmax(dim=1) if targets.dim() == 1 else targets  # accuracy: the larger share
+        else:
+            logits = self(images)
+            loss = self.loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True)
         if self.train_metric is not None:
             self.train_metric(logits, targets)

@@ -231,6 +231,12 @@ TRAIN: dict[str, Rule] = {
     "optim.optimizer.eps": number(0, open_low=True),
     "optim.optimizer.betas": each(number(0, 1, open_high=True)),
     "optim.scheduler.warmup_steps": integer(0),
+    "ema.decay": optional(number(0, 1, open_low=True, open_high=True)),
+    "ema.start_step": integer(0),
+    "mixup.alpha": number(0),
+    "mixup.cutmix_alpha": number(0),
+    "mixup.prob": number(0, 1),
+    "mixup.switch_prob": number(0, 1),
     **TRAINER,
     "callbacks.checkpoint.save_top_k": integer(0, also=(-1,)),
     "callbacks.checkpoint.mode": choice("min", "max"),
@@ -325,6 +331,22 @@ def _ranges(cfg: Mapping) -> list[tuple[str, str]]:
     if data.get("mix") and data.get("index"):
         problems.append(
             ("data.index", "is set with data.mix: train on one data set or on a mix (data.index=null)")
+        )
+    mixup = cfg.get("mixup") or {}
+    mixed = (mixup.get("alpha") or 0) > 0 or (mixup.get("cutmix_alpha") or 0) > 0
+    if mixed and (task.endswith("Segment") or task.endswith("Anomaly")):
+        name = "segment" if task.endswith("Segment") else "anomaly"
+        key = "mixup.alpha" if (mixup.get("alpha") or 0) > 0 else "mixup.cutmix_alpha"
+        problems.append(
+            (
+                key,
+                f"mixup and cutmix are for classify and multilabel: task={name} learns from masks or good "
+                "parts, which have no mixed label; set mixup.alpha=0 mixup.cutmix_alpha=0",
+            )
+        )
+    if (cfg.get("ema") or {}).get("decay") and task.endswith("Anomaly") and method == "patchcore":
+        problems.append(
+            ("ema.decay", "task.method=patchcore learns no weights to average: set ema.decay=null")
         )
     if launcher.get("kind") == "ray" and launcher.get("strategy") == "fsdp" and not launcher.get("use_gpu"):
         problems.append(
