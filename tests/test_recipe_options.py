@@ -123,3 +123,16 @@ def test_recipe_settings_are_checked_before_anything_runs(compose, overrides, me
 
     with pytest.raises(UserError, match=message):
         settings.check(compose(*overrides), "train")
+
+
+def test_mixup_trains_a_multi_label_model_on_mixed_multi_hot_rows(tmp_path):
+    from data.sources import from_synthetic
+    from data.write import write_dataset
+    from tests.test_tasks import _train
+
+    items = from_synthetic(240, seed=3, size=48, multi=0.5)
+    index = write_dataset(items, str(tmp_path / "multi"), val_fraction=0.25, shard_samples=50, workers=1)
+    ckpt = _train(
+        tmp_path, index.index.location, "task=multilabel", "mixup.alpha=0.4", "mixup.cutmix_alpha=1.0"
+    )
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] > 0
