@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from train.mixing import Mixer
 from train.network import Network
 from train.tiled import part_probs
 
@@ -50,7 +51,7 @@ class TaskModule(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         sources: tuple[str, ...] = (),
-        mixer=None,
+        mixer: Mixer | None = None,
     ):
         super().__init__()
         self.net, self.task = net, task

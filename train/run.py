@@ -56,7 +56,7 @@ def build(cfg: DictConfig) -> tuple[ShardDataModule, TaskModule]:
         label_smoothing=m.label_smoothing,
         channels_last=m.channels_last,
         sources=datamodule.val_sources,
-        mixer=Mixer(**cfg.mixup, num_classes=len(classes), seed=cfg.seed),
+        mixer=Mixer(**(cfg.get("mixup") or {}), num_classes=len(classes), seed=cfg.seed),
     )
     return datamodule, module
 
@@ -117,12 +117,12 @@ def train(
         Lineage(lineage(config, redact(index.location), index.sha256, *datamodule.data_version, sources))
     )
     callbacks.append(BadDataMonitor(datamodule.max_bad_fraction))
-    if cfg.ema.decay:  # validated, checkpointed (state_dict; the raw weights beside), evaluated, exported
+    if OmegaConf.select(cfg, "ema.decay"):  # validated, checkpointed, evaluated and exported
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         # First: a step's average is updated before train.midepoch checkpoints that step, so a
         # resumed run's average has every step the raw weights have.
-        ema = EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step)
+        ema = EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.get("start_step", 0))
         callbacks.insert(0, ema)
     callbacks += faults.from_env()  # test-only; empty unless SHARDTRAIN_KILL_AT_STEP is set
     args["plugins"] = [AtomicCheckpointIO(), *args.get("plugins", [])]
