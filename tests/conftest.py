@@ -118,9 +118,7 @@ def mlflow_server(tmp_path_factory) -> str:
         yield uri
         return
     root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += [

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,13 +113,9 @@ def test_the_trainjob_args_run_under_torchrun_as_the_runtime_starts_them_and_res
     """What the torch-distributed runtime does in each pod, on one machine: PET_* set, torchrun
     starting 2 processes with the manifest's own args (sizes, data and paths made local). A second
     start (a restarted job) continues from the first one's last.ckpt."""
-    import socket
-    import subprocess
-    import sys
-
     import torch
 
-    from tests.conftest import tiny
+    from tests.conftest import free_port, tiny
 
     trainjob, _ = manifests()
     local = {
@@ -135,15 +134,13 @@ def test_the_trainjob_args_run_under_torchrun_as_the_runtime_starts_them_and_res
     shrink = [o for o in tiny(tiny_index) if o != "trainer=cpu"] + ["trainer.accelerator=cpu"]
 
     def start(*more: str) -> subprocess.CompletedProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         pet = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0"}
         pet |= {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
         torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` entry point
         return subprocess.run(
             [*torchrun, *args[:2], *shrink, *args[2:], *more],
-            env={**__import__("os").environ, **pet},
+            env={**os.environ, **pet},
             capture_output=True,
             text=True,
             cwd=tmp_path,

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import pytest
 from PIL import Image
 
 from data.errors import UserError
+from tests.conftest import free_port
 from tests.test_export import export_cfg, model_ckpt, val_images  # noqa: F401 (fixtures)
 from train import load_model
 from train.export import export
 from train.registry import alias_refusal
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def invoke(url: str, images: list[bytes]) -> list[dict]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import numpy as np
 
@@ -91,8 +92,6 @@ def _png(array: np.ndarray) -> str:
 
 def save(bundle_dir: str, path: str, task: str, requirements: list[str]) -> None:
     """Write the pyfunc model of `bundle_dir` (a folder named `bundle`) to `path`."""
-    import os
-
     import mlflow
 
     mlflow.pyfunc.save_model(
