@@ -12,6 +12,7 @@ import lightning.pytorch as L
 
 from data import targets
 from data.audit import Audit, continue_audit
+from data.batch_pool import SLOTS
 from data.cache import CacheConfig, check_cache
 from data.embedded import ensure_synthetic, synthetic_index
 from data.errors import UserError
@@ -83,6 +84,7 @@ class ShardDataModule(L.LightningDataModule):
         prefetch: int = 2,
         cache_verify: bool = False,
         cache_policy: Literal["plan", "lru"] = "plan",
+        batch_slots: int = SLOTS,
     ):
         super().__init__()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -116,6 +118,7 @@ class ShardDataModule(L.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction  # enforced by data.quality.BadDataMonitor
         self.missing_shards = missing_shards
         self.persistent_workers = persistent_workers
+        self.batch_slots = batch_slots  # reused batch memory per loader worker (data/batch_pool.py)
         self._audit: Audit | None = None
 
     def prepare_data(self) -> None:
@@ -215,6 +218,7 @@ class ShardDataModule(L.LightningDataModule):
                 self.missing_shards,
                 (slots, cut) if slots else None,
                 self.cache,
+                self.batch_slots,
             ),
             settle,
             length,

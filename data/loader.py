@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 from torch.utils.data import DataLoader
 
+from data import batch_pool
 from data.plan import EpochPlan
 from data.stream import ShardStream
 
@@ -32,6 +34,8 @@ class PlannedLoader(DataLoader):
         super().__init__(stream, batch_size=None, **kw)
         self._settle, self._length = settle, length
         self._workers_plan: EpochPlan | None = None  # what running persistent workers hold
+        # The main process's map of the workers' batch slots goes with the loader.
+        weakref.finalize(self, batch_pool.release, stream.pool_id)
 
     def __len__(self) -> int:
         return self._length()
@@ -46,8 +50,13 @@ class PlannedLoader(DataLoader):
         if self._iterator is not None and replace(plan, epoch=0) != self._workers_plan:
             self._iterator._shutdown_workers()
             self._iterator = None
+            batch_pool.release(self.dataset.pool_id)
         if self._iterator is None:
             self._workers_plan = replace(plan, epoch=0)
         self.dataset.plan = plan
         self.dataset.position.copy_(torch.tensor([plan.epoch, consumed]))
-        yield from super().__iter__()
+        try:
+            yield from super().__iter__()
+        finally:
+            if not self.persistent_workers:  # this pass's workers are gone, and their slots
+                batch_pool.release(self.dataset.pool_id)

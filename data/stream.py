@@ -12,7 +12,8 @@
                └─ batched       one batch per planned group (data/batching.py): (uint8
                                 (b, 3, S, S), targets (int64 (b,), float (b, C), uint8 (b, H, W)
                                 or a list of masks of their images' sizes), b keys, bad counts
-                                since the last batch), b <= B
+                                since the last batch), b <= B; stacked into shared memory the
+                                worker reuses once the main process lets go (data/batch_pool.py)
 
 Tars are parsed by data/tar.py (webdataset's file grouping, a faster header parser): nothing in a
 shard is unpickled or executed.
@@ -21,6 +22,7 @@ shard is unpickled or executed.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data import remote
 from data import samples as shard_samples
+from data.batch_pool import SLOTS, SlotPool
 from data.batching import batched
 from data.cache import CacheConfig, ShardCache, ShardRef
 from data.errors import UserError
@@ -234,11 +237,14 @@ class ShardStream(IterableDataset):
         missing: str = "fail",  # a shard listed but not found: "fail", or "skip" its samples
         tiles: tuple[Slots, TileCutter] | None = None,  # plan slots are tiles (data/tiles.py)
         cache: CacheConfig | None = None,
+        batch_slots: int = SLOTS,  # batches a worker builds in reused memory (0: fresh each time)
     ):
         self.shards, self.plan, self.transform, self.targets = shards, plan, transform, targets
-        self.missing, self.tiles, self.cache = missing, tiles, cache
+        self.missing, self.tiles, self.cache, self.batch_slots = missing, tiles, cache, batch_slots
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, consumed batches)
+        self.pool_id = uuid.uuid4().hex  # names this stream's batch slots (data/batch_pool.py)
         self._client: ShardCache | None = None  # made in the worker process, kept across passes
+        self._slots: SlotPool | None = None  # likewise: the worker's reused batch memory
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -271,7 +277,9 @@ class ShardStream(IterableDataset):
             items = tile_items(samples, slots, read, cut, epoch, bad)
         else:
             items = decode_samples(read, self.transform, self.targets, bad)
-        yield from batched(items, self.plan.batch_size, bad)
+        if info is not None and self._slots is None and self.batch_slots:
+            self._slots = SlotPool(self.pool_id, self.batch_slots)
+        yield from batched(items, self.plan.batch_size, bad, self._slots)
 
     def _opener(self, reads: Sequence[Sample], after: Callable[[], list[Sample]]) -> Opener:
         """How this worker opens its shards: through the cache where they are remote (telling it

@@ -40,6 +40,8 @@ CONTENDERS = {
     "float32 batches",
     "L3": "ours: data.datamodule.ShardDataModule(index, batch_size=B, num_workers=W, image_size=224)"
     ".train_dataloader(): uint8 batches; normalisation runs on the device, so is not charged here",
+    "L3f": "L3 with batch_slots=0: every batch stacked into fresh shared memory, as before the "
+    "reused slots of data/batch_pool.py (their baseline)",
 }
 MEMORY_CHECK = "L3x10"  # L3 over an index that lists every shard 10 times
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, for L1's and L2's Normalize
@@ -110,14 +112,22 @@ def l2(index: str, folder: str, workers: int, batch: int) -> Iterable:
     return DataLoader(pipeline, batch_size=None, num_workers=workers, worker_init_fn=_one_thread)
 
 
-def l3(index: str, folder: str, workers: int, batch: int) -> Iterable:
+def l3(index: str, folder: str, workers: int, batch: int, slots: int | None = None) -> Iterable:
+    from data.batch_pool import SLOTS
     from data.datamodule import ShardDataModule
 
-    dm = ShardDataModule(index=index, batch_size=batch, num_workers=workers, image_size=224)
+    slots = SLOTS if slots is None else slots
+    dm = ShardDataModule(
+        index=index, batch_size=batch, num_workers=workers, image_size=224, batch_slots=slots
+    )
     return dm.train_dataloader()  # (uint8 (B, 3, 224, 224), labels, keys, bad counts)
 
 
-LOADERS = {"L0": l0, "L1": l1, "L2": l2, "L3": l3, MEMORY_CHECK: l3}
+def l3f(index: str, folder: str, workers: int, batch: int) -> Iterable:
+    return l3(index, folder, workers, batch, slots=0)
+
+
+LOADERS = {"L0": l0, "L1": l1, "L2": l2, "L3": l3, "L3f": l3f, MEMORY_CHECK: l3}
 IMPORTS = {"L0": "data.transforms", "L1": "torchvision.datasets", "L2": "webdataset", "L3": "data.datamodule"}
 
 
@@ -215,7 +225,7 @@ def report(results: dict[str, dict]) -> dict:
     )
     derived: dict = {}
     l3 = results.get("L3")
-    for other in ("L0", "L1", "L2"):
+    for other in ("L0", "L1", "L2", "L3f"):
         if l3 and other in results:
             key, theirs = f"l3_over_{other.lower()}", results[other]
             derived[key] = l3["img_s"] / theirs["img_s"]

@@ -118,6 +118,7 @@ DATA: dict[str, Rule] = {
     "data.batch_size": POSITIVE,
     "data.num_workers": integer(0),
     "data.persistent_workers": flag,
+    "data.batch_slots": integer(0),
     "data.image_size": integer(8),
     "data.train_scale": span(number(0, 1, open_low=True)),
     "data.train_ratio": span(number(0, open_low=True)),

@@ -1,0 +1,99 @@
+"""Batch slots a loader worker reuses (data/batch_pool.py): a batch the main process still holds
+is never written over, a free slot is reused, and nothing is lost when every slot is held."""
+
+from __future__ import annotations
+
+import gc
+import io
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+import torch.multiprocessing
+
+from data import batch_pool
+from data.batch_pool import MIN_BYTES, SlotPool
+from data.datamodule import ShardDataModule
+
+
+def hand_over(obj):
+    """What a loader worker's queue does to a batch: pickled by torch's ForkingPickler."""
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    return pickle.loads(buf.getvalue())
+
+
+def images(n: int, value: int) -> list[torch.Tensor]:
+    return [torch.full((3, 64, 64), value + i, dtype=torch.uint8) for i in range(n)]
+
+
+@pytest.fixture
+def pool():
+    p = SlotPool("test-pool", slots=2)
+    yield p
+    batch_pool.release("test-pool")
+
+
+def test_a_slot_is_written_again_only_once_its_batch_is_let_go(pool):
+    sent = pool.stack(images(8, 0))
+    assert sent.storage is not None, "a slot's first batch carries the slot's storage"
+    first = hand_over(sent)
+    assert torch.equal(first, torch.stack(images(8, 0)))
+    second = hand_over(pool.stack(images(8, 100)))
+    assert len(pool.slots) == 2, "the first slot is held: a second one is made"
+    assert pool.stack(images(8, 200)) is None, "every slot held: the caller stacks into fresh memory"
+    assert torch.equal(first, torch.stack(images(8, 0))), "a held batch is never written over"
+
+    view = first[2:4]  # a view keeps the slot held, whatever happened to the batch tensor
+    del first
+    gc.collect()
+    assert pool.stack(images(8, 50)) is None
+    del view
+    sent = pool.stack(images(8, 50))
+    assert sent.slot == 0 and sent.storage is None, "the slot's storage went once: now its number"
+    third = hand_over(sent)
+    assert len(pool.slots) == 2 and torch.equal(third, torch.stack(images(8, 50)))
+    assert torch.equal(second, torch.stack(images(8, 100)))
+
+
+def test_a_pinned_or_copied_batch_frees_its_slot(pool):
+    batch = hand_over(pool.stack(images(8, 0)))
+    copy = batch.clone()
+    del batch
+    again = hand_over(pool.stack(images(8, 7)))
+    assert len(pool.slots) == 1 and torch.equal(copy, torch.stack(images(8, 0)))
+    assert torch.equal(again, torch.stack(images(8, 7)))
+
+
+def test_small_batches_and_ill_fitting_slots_are_not_pooled(pool):
+    small = [torch.zeros(8, dtype=torch.int64)] * 4
+    assert pool.stack(small) is None and not pool.slots
+    big = hand_over(pool.stack(images(32, 0)))
+    del big
+    # A batch under half a free slot's size gets a slot of its own rather than waste it.
+    assert hand_over(pool.stack(images(8, 0))).shape == (8, 3, 64, 64) and len(pool.slots) == 2
+
+
+def test_workers_batches_held_by_the_consumer_stay_intact(tiny_index):
+    """A consumer holding every batch of the pass (more than a worker's slots) sees each
+    sample's pixels as a single-process loader gives them, and a second pass reuses the slots."""
+    size = 128  # 2 x 3 x 128 x 128 bytes per batch: over MIN_BYTES, so pooled
+    assert 2 * 3 * size * size >= MIN_BYTES
+
+    def by_key(workers: int, keep: list | None = None) -> dict[str, torch.Tensor]:
+        dm = ShardDataModule(tiny_index, batch_size=2, num_workers=workers, image_size=size)
+        loader = dm.val_dataloader()
+        batches = list(loader)  # 30 batches, 15 a worker: more than its 8 slots
+        if keep is not None:
+            keep.append(loader.dataset.pool_id)
+            keep.append(sum(k[0] == loader.dataset.pool_id for k in batch_pool._RECEIVED))
+        return {k: im for images, _, keys, _ in batches for k, im in zip(keys, images, strict=True)}
+
+    truth = by_key(0)
+    seen: list = []
+    held = by_key(2, seen)
+    assert held.keys() == truth.keys() and len(held) == 60
+    assert all(torch.equal(held[k], truth[k]) for k in truth)
+    assert 0 < seen[1] <= 2 * batch_pool.SLOTS, "slots were used, and no more than the workers hold"
+    assert not any(k[0] == seen[0] for k in batch_pool._RECEIVED), "forgotten once the workers ended"
