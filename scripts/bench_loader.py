@@ -3,6 +3,10 @@
     python scripts/bench_loader.py [--variant large|small] [--images 5000] [--workers N]
                                    [--only L0,L3] [--repeat 2] [--quick] [--json FILE]
 
+With the `bench` extra installed (pip install -e ".[bench]"), the peers Mosaic Streaming and
+LitData run too, each as its users write it and with our transform (scripts/bench_peers.py);
+without it, the benchmark says so and runs the rest.
+
 Every contender turns the same images (scripts/bench_data.py, cached; page cache warm) into the
 same model input, a RandomResizedCrop(224), flipped batch of 256, the way its own docs teach,
 with one loader worker per core and every thread pool at 1 per process. Each runs in a fresh
@@ -19,7 +23,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from bench_data import VARIANTS, build, repeat_index
@@ -42,7 +46,14 @@ CONTENDERS = {
     ".train_dataloader(): uint8 batches; normalisation runs on the device, so is not charged here",
     "L3f": "L3 with batch_slots=0: every batch stacked into fresh shared memory, as before the "
     "reused slots of data/batch_pool.py (their baseline)",
+    "mosaic": "Mosaic Streaming over the same bytes in MDS: StreamingDataset(local, shuffle=True) "
+    "subclassed to decode with PIL and apply L1's Compose, DataLoader(drop_last): float32 batches",
+    "mosaic+ours": "the same Mosaic loader with our TrainTransform(224) on the bytes: uint8 batches",
+    "litdata": "LitData over the same bytes (litdata.optimize): StreamingDataset(shuffle=True) subclassed "
+    "to decode with PIL and apply L1's Compose, StreamingDataLoader(drop_last): float32 batches",
+    "litdata+ours": "the same LitData loader with our TrainTransform(224) on the bytes: uint8 batches",
 }
+BASELINE = ("L0", "L1", "L2", "L3")  # the default contenders; the peers join them when installed
 MEMORY_CHECK = "L3x10"  # L3 over an index that lists every shard 10 times
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, for L1's and L2's Normalize
 _JPEGS: list[bytes] = []  # L0's input: filled before the pool forks, so its workers share it
@@ -127,8 +138,29 @@ def l3f(index: str, folder: str, workers: int, batch: int) -> Iterable:
     return l3(index, folder, workers, batch, slots=0)
 
 
+def peer(name: str) -> Callable[[str, str, int, int], Iterable]:
+    """A peer's loader (scripts/bench_peers.py) over its copy of the set, next to `folder`."""
+
+    def loader(index: str, folder: str, workers: int, batch: int) -> Iterable:
+        import bench_peers
+
+        base, ours = name.split("+")[0], name.endswith("+ours")
+        make = getattr(bench_peers, base)
+        return make(os.path.dirname(folder), workers, batch, ours, _torchvision_transform())
+
+    return loader
+
+
 LOADERS = {"L0": l0, "L1": l1, "L2": l2, "L3": l3, "L3f": l3f, MEMORY_CHECK: l3}
+LOADERS |= {name: peer(name) for name in ("mosaic", "mosaic+ours", "litdata", "litdata+ours")}
 IMPORTS = {"L0": "data.transforms", "L1": "torchvision.datasets", "L2": "webdataset", "L3": "data.datamodule"}
+IMPORTS |= {
+    "L3f": "data.datamodule",
+    MEMORY_CHECK: "data.datamodule",
+    "mosaic": "streaming",
+    "litdata": "litdata",
+}
+IMPORTS |= {"mosaic+ours": "streaming", "litdata+ours": "litdata"}
 
 
 def child(name: str, index: str, folder: str, workers: int, batch: int) -> dict:
@@ -136,7 +168,7 @@ def child(name: str, index: str, folder: str, workers: int, batch: int) -> dict:
     import importlib
 
     torch.set_num_threads(1)
-    importlib.import_module(IMPORTS[name[:2]])  # before the clock: a trainer has paid for it
+    importlib.import_module(IMPORTS[name])  # before the clock: a trainer has paid for it
     meter = TreeMeter().start()
     t0 = time.perf_counter()
     loader = LOADERS[name](index, folder, workers, batch)
@@ -204,17 +236,27 @@ def machine() -> dict:
         "pillow": PIL.__version__,
         "libjpeg_turbo": features.version("libjpeg_turbo"),
         "webdataset": webdataset.__version__,
+        **{dist: _version(dist) for dist in ("mosaicml-streaming", "litdata")},
     }
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def report(results: dict[str, dict]) -> dict:
     """Print the table and the derived figures; return the derived figures."""
     columns = ("img/s", 7), ("img/CPU-s", 10), ("cores", 6), ("others", 7), ("1st batch s", 12)
     head = "".join(f"{c:>{w}}" for c, w in (*columns, ("RSS MiB", 8), ("PSS MiB", 8)))
-    print(f"\n{'':6}{head}  batch")
+    print(f"\n{'':13}{head}  batch")
     for name, r in results.items():
         print(
-            f"{name:6}{r['img_s']:7.0f}{r['img_per_cpu_s']:10.1f}{r['cores']:6.2f}{r['others_cores']:7.2f}"
+            f"{name:13}{r['img_s']:7.0f}{r['img_per_cpu_s']:10.1f}{r['cores']:6.2f}{r['others_cores']:7.2f}"
             f"{r['first_batch_s']:12.2f}{r['peak_rss_mb']:8.0f}{r['peak_pss_mb']:8.0f}  {r['batch']}"
         )
     print(
@@ -225,12 +267,18 @@ def report(results: dict[str, dict]) -> dict:
     )
     derived: dict = {}
     l3 = results.get("L3")
-    for other in ("L0", "L1", "L2", "L3f"):
+    for other in ("L0", "L1", "L2", "L3f", "mosaic", "mosaic+ours", "litdata", "litdata+ours"):
         if l3 and other in results:
-            key, theirs = f"l3_over_{other.lower()}", results[other]
+            key, theirs = f"l3_over_{other.lower().replace('+', '_')}", results[other]
             derived[key] = l3["img_s"] / theirs["img_s"]
             derived[f"{key}_per_cpu"] = l3["img_per_cpu_s"] / theirs["img_per_cpu_s"]
             print(f"L3/{other}: {derived[key]:.2f} in img/s, {derived[f'{key}_per_cpu']:.2f} in img/CPU-s")
+    if "L0" in results:  # each loader's share of the decode limit
+        for name in ("L3", "mosaic+ours", "litdata+ours"):
+            if name in results:
+                key = f"{name.lower().replace('+', '_')}_over_l0"
+                derived[key] = results[name]["img_s"] / results["L0"]["img_s"]
+                print(f"{name}/L0: {derived[key]:.2f} in img/s")
     if l3:
         # A core kept busy feeds img/CPU-s images a second, whatever a neighbour took meanwhile.
         print(f"L3 gives {l3['img_per_cpu_s']:.0f} images per CPU-second (all its processes)")
@@ -259,7 +307,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=None, help="benchmark set size (default 5000)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="per loader (default: cores)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256")
-    p.add_argument("--only", default="L0,L1,L2,L3", help="comma-separated contenders")
+    p.add_argument(
+        "--only", help=f"comma-separated contenders (default: {','.join(BASELINE)} and the peers installed)"
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs each, interleaved; the fastest counts")
     p.add_argument("--wait-idle", type=float, default=60, help="s to wait for idle cores before each run")
     p.add_argument("--no-memory-check", action="store_true", help=f"skip {MEMORY_CHECK}")
@@ -269,9 +319,19 @@ def main() -> None:
     a = p.parse_args()
     images = a.images or (640 if a.quick else 5000)
     batch = a.batch_size or (64 if a.quick else 256)
-    names = [n.strip() for n in a.only.split(",")]
+    import bench_peers
+
+    have = bench_peers.available()
+    if a.only:
+        names = [n.strip() for n in a.only.split(",")]
+    else:
+        names = [*BASELINE, *(f"{peer}{way}" for peer, ok in have.items() if ok for way in ("", "+ours"))]
     if unknown := set(names) - set(CONTENDERS):
         p.error(f"--only: unknown {sorted(unknown)}; expected some of {list(CONTENDERS)}")
+    asked = {n.split("+")[0] for n in names}
+    if missing := sorted(peer for peer, ok in have.items() if not ok and (peer in asked or not a.only)):
+        print(f"peers not installed, skipped: {', '.join(missing)} ({bench_peers.EXTRA} installs them)")
+        names = [n for n in names if n.split("+")[0] not in missing]
     if a.workers < 1:
         p.error(f"--workers {a.workers}: every contender needs at least one worker process")
 
@@ -286,6 +346,7 @@ def main() -> None:
     print(f"workers {a.workers}, batch {batch}; each contender in its own process:")
     for name in names:
         print(f"  {name}: {CONTENDERS[name]}")
+    bench_peers.prepare(bench.index, bench.directory, names)  # their copies of the set, once
     runs = [(n, bench.index) for _ in range(a.repeat) for n in names]
     if "L3" in names and not a.no_memory_check:
         runs.append((MEMORY_CHECK, repeat_index(bench.index, 10)))

@@ -4,6 +4,7 @@ Tiny sizes: these check that the scripts work, not how fast anything is (no time
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,6 +34,61 @@ def test_bench_loader_writes_every_ratio(tmp_path):
     figures = json.loads((tmp_path / "loader.json").read_text())
     for key in ("l3_over_l0", "l3_over_l1", "l3_over_l2", "rss_10x_over_1x"):
         assert figures[key] > 0, key
+
+
+PEER_MODULES = ("streaming", "litdata")  # the bench extra's loaders (scripts/bench_peers.py)
+PEERS_INSTALLED = all(importlib.util.find_spec(m) for m in PEER_MODULES)
+TINY = ("--quick", "--images", "96", "--batch-size", "16", "--workers", "1", "--wait-idle", "0")
+
+
+@pytest.mark.skipif(PEERS_INSTALLED, reason="the peers are installed: test_bench_loader_runs_the_peers runs")
+def test_bench_loader_says_the_peers_are_missing_and_runs_the_rest(tmp_path):
+    out = run(
+        "bench_loader.py", *TINY, "--only", "L3,mosaic+ours", "--no-memory-check",
+        *("--root", str(tmp_path / "bench"), "--json", str(tmp_path / "loader.json")),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert 'peers not installed, skipped: mosaic (pip install -e ".[bench]" installs them)' in out
+    figures = json.loads((tmp_path / "loader.json").read_text())
+    assert set(figures["results"]) == {"L3"} and "l3_over_mosaic_ours" not in figures
+
+
+@pytest.mark.peers
+def test_bench_loader_runs_the_peers(tmp_path):
+    for module in PEER_MODULES:
+        pytest.importorskip(module)
+    peers = "mosaic,mosaic+ours,litdata,litdata+ours"
+    run(
+        "bench_loader.py", *TINY, "--only", f"L0,L3,{peers}", "--no-memory-check",
+        *("--root", str(tmp_path / "bench"), "--json", str(tmp_path / "loader.json")),
+        cwd=tmp_path,
+    )  # fmt: skip
+    figures = json.loads((tmp_path / "loader.json").read_text())
+    for key in ("l3_over_mosaic", "l3_over_mosaic_ours", "l3_over_litdata", "l3_over_litdata_ours"):
+        assert figures[key] > 0, key
+    for key in ("l3_over_l0", "mosaic_ours_over_l0", "litdata_ours_over_l0"):
+        assert figures[key] > 0, key
+    results = figures["results"]
+    assert results["mosaic"]["batch"].startswith("float32 (16, 3, 224, 224)")
+    assert results["litdata+ours"]["batch"].startswith("uint8 (16, 3, 224, 224)")
+    for peer in ("mosaic", "litdata"):  # each saw every image once: the copies hold the set unchanged
+        assert results[peer]["images_timed"] == results["L3"]["images_timed"], peer
+    # The copies keep the bytes: each peer's copy of the set holds our shards' JPEGs byte for byte.
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_peers
+        from bench_data import build
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    bench = build("large", 96, root=str(tmp_path / "bench"))
+    ours = [jpg for jpg, _ in bench_peers._samples(bench.index)]
+    import litdata
+    from streaming import StreamingDataset
+
+    mds = StreamingDataset(local=bench_peers.mds_dir(bench.index, bench.directory), batch_size=1)
+    assert [mds[i]["jpg"] for i in range(len(mds))] == ours
+    lit = litdata.StreamingDataset(input_dir=bench_peers.litdata_dir(bench.index, bench.directory))
+    assert sorted(lit[i]["jpg"] for i in range(len(lit))) == sorted(ours)
 
 
 def test_bench_train_writes_the_framework_ratio(tmp_path):
