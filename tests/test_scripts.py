@@ -91,6 +91,21 @@ def test_bench_loader_runs_the_peers(tmp_path):
     assert sorted(lit[i]["jpg"] for i in range(len(lit))) == sorted(ours)
 
 
+def test_bench_stages_breaks_the_fixed_cost_down(tmp_path):
+    run(
+        "bench_stages.py", "--variant", "large", "--images", "96", "--batch-size", "16", "--repeat", "1",
+        *("--root", str(tmp_path / "bench"), "--json", str(tmp_path / "stages.json")),
+        cwd=tmp_path,
+    )  # fmt: skip
+    figures = json.loads((tmp_path / "stages.json").read_text())
+    us = figures["us_per_sample"]
+    for key in ("tar", "batch, fresh memory", "batch, reused slot", "loader, fresh memory"):
+        assert us[key] > 0, key
+    assert us["L0 (decode + transform)"] > us["tar"]  # a decode costs more than parsing its tar entry
+    assert us["loader, reused slots"] > 0
+    assert set(figures["stage_us"]) >= {"plan", "decode wrapper", "loader, reused slots"}
+
+
 def test_bench_train_writes_the_framework_ratio(tmp_path):
     run(
         "bench_train.py",
