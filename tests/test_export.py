@@ -112,6 +112,7 @@ def follow_preprocess_json(data: bytes, steps: list[dict]) -> torch.Tensor:
 
 def test_preprocess_json_alone_reproduces_the_preprocessing(onnx_bundle, model_ckpt, val_images):
     info = json.loads((onnx_bundle / "preprocess.json").read_text())
+    assert info["preprocess"][0]["decoder"].startswith("JPEG: simplejpeg")  # which decoder trained it
     spec = load_model(model_ckpt).spec
     ours = EvalTransform(spec.image_size, spec.crop_pct)
     rng = np.random.default_rng(0)

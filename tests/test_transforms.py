@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from data import decode
+from data import jpeg as jpeg_module
 from data.samples import BadSample
 from data.transforms import EvalTransform, TrainTransform
 
@@ -82,3 +83,44 @@ def test_eval_transform_decodes_small_jpegs_straight_to_a_tensor_like_pil():
     direct, pil = t(data), t.apply(Image.open(io.BytesIO(data)))
     assert direct.shape == pil.shape == (3, 64, 64)
     assert (direct.int() - pil.int()).abs().max() <= 2
+
+
+@pytest.mark.parametrize("size", [(1001, 999), (640, 427), (257, 255), (4000, 3000)])
+@pytest.mark.parametrize("spare", [1.5, 2.0, 3.3, 5.0, 9.0])
+def test_jpeg_decode_picks_pillows_dct_scale_and_gives_its_pixels(size, spare):
+    """data/jpeg.py decodes at the scale Pillow's draft picks for the same request, to the same
+    pixels (both are libjpeg-turbo, islow IDCT, fancy upsampling)."""
+    data = jpeg(*size)
+    ours = jpeg_module.decode_jpeg(data, *size, spare)
+    pil = np.asarray(decode.decode_rgb(decode.open_image(data), spare))
+    assert ours.shape == pil.shape and np.array_equal(ours, pil)
+
+
+def test_grey_and_progressive_jpegs_decode_as_pillow_converts_them():
+    rgb = Image.open(io.BytesIO(jpeg(300, 200)))
+    for kw in ({"progressive": True}, {}):
+        for im in (rgb, rgb.convert("L")):
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85, **kw)
+            data = buf.getvalue()
+            assert jpeg_module.jpeg_size(data) == (300, 200)
+            pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            assert np.array_equal(jpeg_module.decode_jpeg(data, 300, 200), pil)
+
+
+def test_cmyk_jpegs_and_other_formats_go_through_pillow():
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 48), (0, 255, 255, 0)).save(buf, format="JPEG")
+    assert jpeg_module.jpeg_size(buf.getvalue()) is None  # Pillow's CMYK conversion, as before
+    out = EvalTransform(32, fit="stretch")(buf.getvalue())
+    expected = F.resize(F.pil_to_tensor(Image.open(buf).convert("RGB")), [32, 32], antialias=True)
+    assert torch.equal(out, expected)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(png, format="PNG")
+    assert jpeg_module.jpeg_size(png.getvalue()) is None
+
+
+def test_a_truncated_jpeg_is_an_error_not_a_grey_image():
+    data = jpeg(300, 200)
+    with pytest.raises(ValueError):
+        TrainTransform(64)(data[: len(data) // 2])

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from data import jpeg
 from data.errors import UserError
 from train import tasks
 from train.network import ModelSpec
@@ -84,6 +85,8 @@ def describe(spec: ModelSpec, fmt: str, precision: str, source: dict) -> dict:
                 "op": "decode",
                 "to": "RGB, 8 bits per channel (grey and palette images converted); EXIF orientation is "
                 "not applied, as in training",
+                "decoder": f"JPEG: {jpeg.DECODER}; Pillow, OpenCV and torchvision decode to the same "
+                "pixels with their defaults. Other formats, and CMYK JPEGs: Pillow",
                 "jpeg_scale": "a JPEG whose short side is at least 2 x the resize size is decoded at the "
                 "smallest DCT scale (1/2, 1/4, 1/8) that keeps the short side >= that size (libjpeg "
                 "scale_denom, PIL Image.draft, OpenCV IMREAD_REDUCED_COLOR_N), as training did",
