@@ -3,12 +3,14 @@
 A loader worker hands each batch to the main process in shared memory. Memory fresh from the
 kernel costs a page fault per 4 KiB on first touch: a 256 x 3 x 224 x 224 uint8 batch (38.5 MB)
 is 9,400 faults, 47 to 66 ms on a 2-core VM against 7 ms to fill memory already mapped, about
-0.2 ms per image and most of the loader's fixed cost per sample (scripts/bench_loader.py
---stages). So each worker keeps a few slots of shared memory and refills a slot once the main
+0.2 ms per image and most of the loader's fixed cost per sample (scripts/bench_stages.py).
+So each worker keeps a few slots of shared memory and refills a slot once the main
 process has let go of the batch it held:
 
     worker                                     main process
-    slot free (flag 0) → flag 1, stack into it
+    slot free (flag 0) → flag 1 (`rows`), each
+      image copied into its row as it is made
+      (data/batching.py), or `stack` into it
     hand over PooledTensor ──────────────────→ unpickled as a plain tensor over the slot
       (the slot's storage goes once, at its       (its storage kept, keyed by pool, worker
        first use; after that, just its number)     and slot), whose last reference going
@@ -20,7 +22,8 @@ the slot is free. A slot still held (a consumer keeping batches) is never writte
 free, the worker stacks into fresh shared memory as before, so a slow or greedy consumer costs
 speed, never correctness.
 
-Slot layout: an 8-byte flag (int64: 1 while the main process may hold it), then the tensor.
+Slot layout: an 8-byte flag (int64: 1 from its reservation until the main process lets go), then
+the tensor.
 """
 
 from __future__ import annotations
@@ -52,22 +55,35 @@ class SlotPool:
         self.sent: list[bool] = []  # has the main process been given this slot's storage
 
     def stack(self, tensors) -> PooledTensor | None:
-        first = tensors[0]
-        shape = (len(tensors), *first.shape)
-        nbytes = len(tensors) * first.numel() * first.element_size()
+        reserved = self.rows(tensors[0], len(tensors))
+        if reserved is None:
+            return None
+        slot, rows = reserved
+        torch.stack(tensors, out=rows)
+        return self.hand(slot, rows, len(tensors))
+
+    def rows(self, like: torch.Tensor, count: int) -> tuple[int, torch.Tensor] | None:
+        """A free slot reserved for `count` tensors shaped like `like`: (its number, a (count,
+        *like.shape) view to fill); None where no slot is free or the batch is small. Hand it
+        over with `hand`, or give it back unused with `unreserve`."""
+        nbytes = count * like.numel() * like.element_size()
         if nbytes < MIN_BYTES:
             return None
         i = self._free(nbytes)
         if i is None:
             return None
         slot = self.slots[i]
-        flag = slot[:HEADER].view(torch.int64)
-        flag[0] = 1  # before the main process can see the batch: it is the one to clear it
-        out = slot[HEADER : HEADER + nbytes].view(first.dtype).view(shape)
-        torch.stack(tensors, out=out)
-        storage = None if self.sent[i] else slot
+        slot[:HEADER].view(torch.int64)[0] = 1  # before the main process can see the batch: it clears it
+        return i, slot[HEADER : HEADER + nbytes].view(like.dtype).view(count, *like.shape)
+
+    def hand(self, i: int, rows: torch.Tensor, count: int) -> PooledTensor:
+        """The first `count` of reserved slot `i`'s `rows`, as a PooledTensor for the main process."""
+        storage = None if self.sent[i] else self.slots[i]
         self.sent[i] = True
-        return PooledTensor(self.pool, self.pid, i, shape, first.dtype, storage)
+        return PooledTensor(self.pool, self.pid, i, (count, *rows.shape[1:]), rows.dtype, storage)
+
+    def unreserve(self, i: int) -> None:
+        self.slots[i][:HEADER].view(torch.int64)[0] = 0
 
     def _free(self, nbytes: int) -> int | None:
         """A free slot that fits `nbytes` without wasting more than half of itself, or a new one."""

@@ -97,3 +97,59 @@ def test_workers_batches_held_by_the_consumer_stay_intact(tiny_index):
     assert all(torch.equal(held[k], truth[k]) for k in truth)
     assert 0 < seen[1] <= 2 * batch_pool.SLOTS, "slots were used, and no more than the workers hold"
     assert not any(k[0] == seen[0] for k in batch_pool._RECEIVED), "forgotten once the workers ended"
+
+
+def _as_worker(monkeypatch) -> None:
+    import torch.utils.data._utils.worker as worker
+
+    monkeypatch.setattr(worker, "_worker_info", worker.WorkerInfo(id=0, num_workers=1, seed=0, dataset=None))
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        "full groups",  # every image straight into its slot row
+        "an empty group",  # its batch is owed: the next group's samples are split in two
+        "another size",  # whole parts of several sizes: back to a list
+        "left out at the end",  # the last groups emptied on purpose: repaid with the last batch
+        "repaid in pairs",  # the same with batches of 2: a repaid row may land in the last's slot
+    ],
+)
+def test_batches_built_row_by_row_in_slots_match_the_plain_ones(monkeypatch, plan):
+    from data.batching import batched
+    from data.samples import LEFT_OUT
+    from data.stream import BadSamples
+
+    size = 2 if plan == "repaid in pairs" else 4
+    gone = {"an empty group": range(8, 12), "left out at the end": range(16, 24)}.get(plan, ())
+    gone = (20, 21, 23) if plan == "repaid in pairs" else gone
+
+    def samples():
+        for i in range(24):
+            if i in gone:
+                yield None
+                continue
+            side = 104 if plan == "another size" and i == 13 else 192  # a row is over MIN_BYTES
+            yield torch.full((3, side, side), i, dtype=torch.uint8), i, f"k{i}"
+
+    def run(pool):
+        bad = BadSamples()
+        if plan in ("left out at the end", "repaid in pairs"):
+            bad.counts[LEFT_OUT] = len(gone)
+        out = []
+        for images, targets, keys, _ in batched(samples(), size, bad, pool):
+            images = hand_over(images) if pool is not None and not isinstance(images, list) else images
+            out.append(([im.clone() for im in images], targets.tolist(), keys))
+        return out
+
+    _as_worker(monkeypatch)
+    plain = run(None)
+    pool = SlotPool("rows", slots=8)
+    try:
+        pooled = run(pool)
+    finally:
+        batch_pool.release("rows")
+    assert len(pooled) == len(plain) == 24 // size
+    for (a, ta, ka), (b, tb, kb) in zip(pooled, plain, strict=True):
+        assert ka == kb and ta == tb and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert pool.slots, "the slots were used"
