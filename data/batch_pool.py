@@ -120,7 +120,7 @@ def _received(pool: str, pid: int, slot: int, shape: tuple, dtype: torch.dtype, 
         if storage is not None:
             _RECEIVED[key] = storage
         whole = _RECEIVED[key].numpy()  # uint8 (HEADER + capacity,)
-    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     body = whole[HEADER : HEADER + nbytes]  # a new ndarray: the storage made from it owns it
     weakref.finalize(body, _set_free, whole[:HEADER].view(np.int64))
     return torch.from_numpy(body).view(dtype).view(shape)

@@ -55,12 +55,7 @@ class TrainTransform:
             pixels = _chw(decode_jpeg(data, full_w, full_h, spare))
         else:
             pixels = F.pil_to_tensor(decode_rgb(im, spare, data, self.bit_depth))
-        # The box, drawn on the header size, in decoded pixels; per axis, since a reduced JPEG
-        # rounds each side up on its own. Clamped, so rounding never crops past an edge.
-        fx, fy = pixels.shape[2] / full_w, pixels.shape[1] / full_h
-        top, left = min(round(top * fy), pixels.shape[1] - 1), min(round(left * fx), pixels.shape[2] - 1)
-        h = max(1, min(round(h * fy), pixels.shape[1] - top))
-        w = max(1, min(round(w * fx), pixels.shape[2] - left))
+        (top, left, h, w), (fx, fy) = decoded_box((top, left, h, w), full_w, full_h, pixels)
         out = F.resized_crop(
             pixels, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True
         )
@@ -126,6 +121,20 @@ class EvalTransform:
 def check_mask(width: int, height: int, mask: np.ndarray | None) -> None:
     if mask is not None and mask.shape != (height, width):
         raise BadSample("mask size differs from its image")
+
+
+def decoded_box(
+    box: tuple[int, int, int, int], full_w: int, full_h: int, pixels: torch.Tensor
+) -> tuple[tuple[int, int, int, int], tuple[float, float]]:
+    """A (top, left, h, w) box drawn on the header size, in the pixels of the decoded (3, H, W)
+    image, and the (x, y) scale between them; per axis, since a reduced JPEG rounds each side up
+    on its own. Clamped, so rounding never crops past an edge."""
+    top, left, h, w = box
+    fx, fy = pixels.shape[2] / full_w, pixels.shape[1] / full_h
+    top, left = min(round(top * fy), pixels.shape[1] - 1), min(round(left * fx), pixels.shape[2] - 1)
+    h = max(1, min(round(h * fy), pixels.shape[1] - top))
+    w = max(1, min(round(w * fx), pixels.shape[2] - left))
+    return (top, left, h, w), (fx, fy)
 
 
 def _sized(width: int, height: int) -> torch.Tensor:

@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import io
 import json
-import math
 import os
 import re
 import time
@@ -44,7 +43,8 @@ import torch
 from PIL import Image
 
 from data.decode import open_image
-from data.transforms import TrainTransform
+from data.jpeg import dct_scale
+from data.transforms import TrainTransform, decoded_box
 
 Decode = Callable[[bytes, int], np.ndarray | torch.Tensor]  # (JPEG bytes, 1/scale) → uint8 pixels
 INSTALL = 'pip install -e ".[bench]"'
@@ -128,15 +128,6 @@ def embedded_version(library: str | None) -> str:
     return f"libjpeg-turbo {found[1].decode()}" if found else "?"
 
 
-def draft_scale(width: int, height: int, spare: float) -> int:
-    """The DCT denominator Pillow's JpegImageFile.draft picks when data/decode.py asks for the
-    crop's need: the largest of 8, 4, 2, 1 within min(W // w, H // h) of the requested (w, h)."""
-    if spare < 2:
-        return 1
-    room = min(width // math.ceil(width / spare), height // math.ceil(height / spare))
-    return next(d for d in (8, 4, 2, 1) if d <= room)
-
-
 @dataclass(frozen=True)
 class SwappedTransform:
     """TrainTransform on RGB or grey JPEGs with the decode swapped; everything else as ours."""
@@ -152,13 +143,10 @@ class SwappedTransform:
         t, im = self.ours, open_image(data)
         full_w, full_h = im.size
         top, left, h, w = RRC.get_params(im, list(t.scale), list(t.ratio))
-        pixels = self.decode(data, draft_scale(full_w, full_h, min(h, w) / t.size))
+        pixels = self.decode(data, dct_scale(full_w, full_h, min(h, w) / t.size))
         if isinstance(pixels, np.ndarray):
             pixels = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) view, as pil_to_tensor gives
-        fx, fy = pixels.shape[2] / full_w, pixels.shape[1] / full_h
-        top, left = min(round(top * fy), pixels.shape[1] - 1), min(round(left * fx), pixels.shape[2] - 1)
-        h = max(1, min(round(h * fy), pixels.shape[1] - top))
-        w = max(1, min(round(w * fx), pixels.shape[2] - left))
+        (top, left, h, w), _ = decoded_box((top, left, h, w), full_w, full_h, pixels)
         out = F.resized_crop(
             pixels, top, left, h, w, [t.size] * 2, InterpolationMode.BILINEAR, antialias=True
         )
