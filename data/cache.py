@@ -289,7 +289,10 @@ class ShardCache:
             # atime: when it was last fetched or opened (LRU's order); mtime 0: not opened yet, so
             # kept until a reader has (see _victims)
             os.utime(partial, (time.time(), 0))
-            os.replace(partial, self.store.shard_path(ref.name))
+            # Under the lock: a reader asks "complete?" then "being fetched?" in one hold of it,
+            # and a rename between the two answers "no" twice: it would fetch the shard again.
+            with self.store.locked():
+                os.replace(partial, self.store.shard_path(ref.name))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)

@@ -143,6 +143,35 @@ def test_a_download_left_by_a_reused_pid_or_another_host_is_a_leftover(tmp_path)
     assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [live.name]
 
 
+def test_a_fetched_shard_appears_under_the_lock(tmp_path, monkeypatch):
+    """A reader asks "is it complete?" then "is someone fetching it?" in one hold of the lock; a
+    fetch that renamed its partial file into place between the two would be fetched again (seen
+    in CI: one shard of six fetched twice). So the rename happens only while the lock is held."""
+    import fcntl
+
+    data = os.urandom(1000)
+    ref = ShardRef("s3://b/s.tar", len(data), "s" * 64)
+    monkeypatch.setattr(remote, "download", lambda url, size, fd: os.write(fd, data))
+    cache = ShardCache(CacheConfig(str(tmp_path), 10**6, prefetch=0))
+    held, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if not str(dst).endswith(".tar"):  # the readers' state files
+            return real_replace(src, dst)
+        with open(tmp_path / ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with cache.open(ref, 0) as f:
+        assert f.read() == data
+    assert held == [True]
+
+
 def test_what_is_worth_another_try():
     import http.client
 
