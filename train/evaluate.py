@@ -31,11 +31,11 @@ import hydra
 import lightning.pytorch as L
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.errors import UserError
 from train import decision as defect
-from train import settings, tasks
+from train import memory, settings, tasks
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, save_model, trained_on
 from train.cli import CONFIG_PATH, run_cli
 from train.collect import Predictions
@@ -53,6 +53,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
             "ckpt is not set: give the checkpoint to evaluate (ckpt=outputs/NAME/.../epoch009.ckpt)"
         )
     settings.check(cfg, "evaluate")
+    if memory.on_cpu(OmegaConf.select(cfg, "trainer.accelerator")):
+        memory.keep_freed_memory()
     out = check_out(cfg.out, cfg.overwrite, "metrics.json", inputs=(cfg.ckpt,))
     ckpt = load_checkpoint(cfg.ckpt)
     meta = ckpt[KEY]

@@ -17,7 +17,7 @@ from data.errors import Preempted
 from data.index import parent_url
 from data.quality import BadDataMonitor
 from data.targets import find_good
-from train import faults, settings
+from train import faults, memory, settings
 from train.checkpoint import KEY, AtomicCheckpointIO, Lineage, lineage, load_checkpoint
 from train.mixing import Mixer
 from train.module import TaskModule
@@ -93,6 +93,8 @@ def train(
     environment (`trainer_args`), a callback reporting checkpoints, and `prepare_trainer`.
     """
     settings.check(cfg, "train")  # before any shard is generated or process started
+    if memory.on_cpu(OmegaConf.select(cfg, "trainer.accelerator")):
+        memory.keep_freed_memory()  # before the loader's workers fork: they inherit it
     if ckpt_path:
         meta = load_checkpoint(ckpt_path)[KEY]
     else:
