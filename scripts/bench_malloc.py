@@ -55,7 +55,10 @@ print(json.dumps({
 def run(kind: str, args) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _STEPS, kind, str(args.steps), str(args.size), str(args.batch)],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -71,9 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.repeat):
         for kind in runs:
             runs[kind].append(run(kind, args))
-    result = {
-        kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in runs.items()
-    }
+    result = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in runs.items()}
     for kind, r in result.items():
         print(
             f"{kind:8s} {r['steps_per_s']:.3f} steps/s, {r['faults_per_step']:,.0f} page faults and "
