@@ -3,7 +3,7 @@
     python scripts/bench_malloc.py [--steps 8] [--repeat 3] [--size 128] [--batch 32]
 
 Each contender runs in its own fresh process (malloc's settings are per process), the two
-alternating, `--repeat` times: `quickstart_tiles`' model (a Unet over test_resnet, decoder
+alternating, `--repeat` times: `quickstart_segment`'s model (a Unet over test_resnet, decoder
 [64, 32, 16, 16, 16], 3 classes) takes AdamW steps on random (batch, 3, size, size) input after
 one warm-up step. Printed per contender: the median steps/s, minor page faults and kernel CPU
 seconds per step, and the peak RSS; then the ratio of steps/s, kept / default.

@@ -49,3 +49,17 @@ def test_only_a_model_on_the_cpu_keeps_freed_memory(make_cfg, monkeypatch):
 
     train(make_cfg("trainer.accelerator=cpu", "trainer.max_epochs=1", "logger=none"))
     assert calls == [1]
+
+
+def test_bench_malloc_runs_both_ways_at_tiny_size():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_malloc.py"
+    spec = importlib.util.spec_from_file_location("bench_malloc", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--steps", "2", "--repeat", "1", "--size", "32", "--batch", "2"])
+    for kind in ("default", "kept"):
+        assert result[kind]["steps_per_s"] > 0 and result[kind]["peak_rss_mb"] > 0
+    assert result["kept_over_default"] > 0

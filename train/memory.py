@@ -5,7 +5,7 @@ to at most 32 MiB) with a fresh mmap and unmaps it on free, and trims the heap's
 128 KiB. A training step on the CPU allocates and frees activations of tens of MB each (a Unet
 decoder at 128 px, batch 32: 16 x 128 x 128 x 32 x 4 B = 33.5 MB a layer), so every step
 faults in its memory afresh, the kernel zeroing each 4 KiB page: 270,000 minor page faults and
-about 0.5 s of kernel time a step for `quickstart_tiles`' model on 2 cores. Raising both
+about 0.5 s of kernel time a step for `quickstart_segment`'s model at 128 px on 2 cores. Raising both
 thresholds to 1 GiB keeps freed blocks for the next step, as PyTorch's caching allocator does
 on a GPU: `python scripts/bench_malloc.py` measures steps/s with and without.
 
