@@ -1,6 +1,6 @@
 """The README's promise, end to end: `python -m train +experiment=quickstart` learns.
 
-The other quickstarts check each recipe's figures in the README (about 40 minutes together on 2
+The other quickstarts check each recipe's figures in the README (about 50 minutes together on 2
 cores): marked `recipe` as well as `slow`, they run with `pytest -m recipe`, not in CI's hour."""
 
 from __future__ import annotations
@@ -107,10 +107,11 @@ def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
 @pytest.mark.slow
 @pytest.mark.recipe
 def test_quickstart_tiles_finds_small_defects_on_large_parts(tmp_path):
-    # 14 minutes here; it finds the spots and not yet the scratches (README): the bars say it
-    # learned, judged on whole parts at full size, not that it meets the aim for large parts
+    # 26 minutes here; it tells spot parts from good ones and scratch parts only partly (README):
+    # the bars say it learned, judged on whole parts at full size, not that it meets the aim
     iou, _, metrics = _quickstart(tmp_path, "quickstart_tiles", "defect-pixel IoU")
     assert metrics["task"] == "segment" and metrics["samples"] == 24 and metrics["pixels"] == 24 * 3000 * 2000
-    assert iou >= 0.15 and metrics["per_class"]["spot"]["iou"] >= 0.15 and metrics["defect"]["roc_auc"] >= 0.6
+    assert iou >= 0.12 and metrics["per_class"]["spot"]["iou"] >= 0.12
+    assert metrics["defect"]["roc_auc"] >= 0.75
     loc = metrics["localisation"]
     assert loc["caught"] >= 6 and loc["localised_share"] >= 0.6
