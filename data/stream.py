@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data import remote
+from data import memory, remote
 from data import samples as shard_samples
 from data.batch_pool import SLOTS, SlotPool
 from data.batching import batched
@@ -257,6 +257,7 @@ class ShardStream(IterableDataset):
         workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + consumed) % workers
         if info is not None:
+            memory.bounded_in_worker()  # a worker streams images, not a model's activations
             # Augmentations draw from the worker's torch RNG: seed it from the plan, not from the
             # main process's RNG (whose state depends on what ran before, e.g. a launcher), so the
             # same config crops the same way under any launcher, and again on a rerun.

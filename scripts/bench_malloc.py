@@ -1,4 +1,4 @@
-"""CPU training steps with glibc's malloc as it comes against train/memory.py's thresholds.
+"""CPU training steps with glibc's malloc as it comes against data/memory.py's thresholds.
 
     python scripts/bench_malloc.py [--steps 8] [--repeat 3] [--size 128] [--batch 32]
 
@@ -24,7 +24,7 @@ _STEPS = """
 import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
-from train import memory
+from data import memory
 from train.tasks.segment import Segment, SegmentLoss
 keep, steps, size, batch = sys.argv[1] == "kept", int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if keep:

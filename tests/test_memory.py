@@ -1,4 +1,4 @@
-"""train/memory.py: on the CPU, large freed tensors' memory stays with the process for the next
+"""data/memory.py: on the CPU, large freed tensors' memory stays with the process for the next
 step instead of being faulted in afresh (glibc's mmap and trim thresholds)."""
 
 from __future__ import annotations
@@ -8,13 +8,17 @@ import sys
 
 import pytest
 
-from train import memory
+from data import memory
 
 _CYCLES = """
-import resource, sys, torch
-from train.memory import keep_freed_memory
-if sys.argv[1] == "kept":
+import os, resource, sys, torch
+from data.memory import bounded_in_worker, keep_freed_memory
+if sys.argv[1] != "default":
     assert keep_freed_memory() and keep_freed_memory()  # a second call is a no-op
+if sys.argv[1] == "worker":  # a loader worker forked from a process that keeps freed memory
+    if os.fork():
+        sys.exit(os.wait()[1])
+    bounded_in_worker()
 faults = []
 for _ in range(32):  # a 64 MiB tensor made, written and freed, as a step's activations are
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -36,9 +40,11 @@ def test_freed_tensors_memory_is_reused_instead_of_faulted_in_again():
     16,384 pages; kept, the later cycles reuse the freed blocks. The first 7 to 9 grow the heap
     (torch's 64-byte-aligned blocks do not fit the hole the last one left until a few holes
     merge), so the last 16 of 32 cycles are counted."""
-    default, kept = _faults("default"), _faults("kept")
+    default, kept, worker = _faults("default"), _faults("kept"), _faults("worker")
     assert default >= 16 * 256  # 16 cycles, at least 2 MiB huge pages' worth each (16,384 pages here)
     assert kept * 4 < default, (kept, default)
+    # A loader worker forked from it unmaps its large blocks again: its memory stays bounded.
+    assert worker * 4 > default * 3, (worker, default)
 
 
 def test_only_a_model_on_the_cpu_keeps_freed_memory(make_cfg, monkeypatch):

@@ -33,9 +33,10 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data import memory
 from data.errors import UserError
 from train import decision as defect
-from train import memory, settings, tasks
+from train import settings, tasks
 from train.checkpoint import KEY, file_sha256, load_checkpoint, model_from_checkpoint, save_model, trained_on
 from train.cli import CONFIG_PATH, run_cli
 from train.collect import Predictions

@@ -12,12 +12,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data import memory
 from data.datamodule import ShardDataModule
 from data.errors import Preempted
 from data.index import parent_url
 from data.quality import BadDataMonitor
 from data.targets import find_good
-from train import faults, memory, settings
+from train import faults, settings
 from train.checkpoint import KEY, AtomicCheckpointIO, Lineage, lineage, load_checkpoint
 from train.mixing import Mixer
 from train.module import TaskModule

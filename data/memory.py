@@ -10,8 +10,10 @@ thresholds to 1 GiB keeps freed blocks for the next step, as PyTorch's caching a
 on a GPU: `python scripts/bench_malloc.py` measures steps/s with and without.
 
 The price: memory freed stays with the process (its RSS stays at its peak) instead of going back
-to the kernel. So it is set only where a model runs on the CPU (training and evaluation); loader
-workers forked afterwards inherit it and reuse their decode buffers the same way.
+to the kernel. So it is set only where a model runs on the CPU (training and evaluation). Loader
+workers, forked from that process, go back to glibc's own ceiling (blocks over 32 MiB mapped and
+unmapped, the heap trimmed above 64 MiB): a worker decoding 50 MP parts (143 MB each) keeps its
+memory bounded by what it holds, not by the largest holes its heap ever had.
 """
 
 from __future__ import annotations
@@ -23,26 +25,41 @@ import logging
 log = logging.getLogger(__name__)
 
 THRESHOLD = 1 << 30  # bytes: blocks up to 1 GiB come from (and return to) the heap
+# glibc's own ceiling: its dynamic mmap threshold stops at 32 MiB (64-bit), the trim threshold
+# follows it at twice that.
+WORKER_MMAP, WORKER_TRIM = 32 << 20, 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
-_done = False
+_kept = False  # set in this process, and inherited by its forks (loader workers)
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to THRESHOLD in this process (once). False where
     the C library is not glibc (musl, macOS): nothing to do there."""
-    global _done
-    if _done:
-        return True
+    global _kept
+    if not _kept:
+        _kept = _mallopt(THRESHOLD, THRESHOLD)
+    return _kept
+
+
+def bounded_in_worker() -> None:
+    """In a loader worker forked from a process that keeps freed memory: glibc's own ceiling
+    again (see the module's docstring). Does nothing elsewhere."""
+    global _kept
+    if _kept:
+        _mallopt(WORKER_MMAP, WORKER_TRIM)
+        _kept = False
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if not (mallopt(_M_MMAP_THRESHOLD, THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, THRESHOLD)):
+    if not (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)):
         log.debug("mallopt refused a threshold: glibc keeps its own for it")  # it returns 1 on success
         return False
-    _done = True
     return True
 
 
