@@ -63,6 +63,12 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     return True
 
 
+def for_model_on(accelerator: str | None) -> bool:
+    """In the process that will run a model with this `trainer.accelerator` (training,
+    evaluation): keep freed memory where that is the CPU. True if it is kept."""
+    return on_cpu(accelerator) and keep_freed_memory()
+
+
 def on_cpu(accelerator: str | None) -> bool:
     """Does a run with this `trainer.accelerator` put its model on the CPU?"""
     if accelerator == "cpu":

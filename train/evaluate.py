@@ -54,8 +54,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
             "ckpt is not set: give the checkpoint to evaluate (ckpt=outputs/NAME/.../epoch009.ckpt)"
         )
     settings.check(cfg, "evaluate")
-    if memory.on_cpu(OmegaConf.select(cfg, "trainer.accelerator")):
-        memory.keep_freed_memory()
+    memory.for_model_on(OmegaConf.select(cfg, "trainer.accelerator"))
     out = check_out(cfg.out, cfg.overwrite, "metrics.json", inputs=(cfg.ckpt,))
     ckpt = load_checkpoint(cfg.ckpt)
     meta = ckpt[KEY]

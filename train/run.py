@@ -94,8 +94,7 @@ def train(
     environment (`trainer_args`), a callback reporting checkpoints, and `prepare_trainer`.
     """
     settings.check(cfg, "train")  # before any shard is generated or process started
-    if memory.on_cpu(OmegaConf.select(cfg, "trainer.accelerator")):
-        memory.keep_freed_memory()  # before the loader's workers fork: they inherit it
+    memory.for_model_on(OmegaConf.select(cfg, "trainer.accelerator"))  # before the workers fork
     if ckpt_path:
         meta = load_checkpoint(ckpt_path)[KEY]
     else:
