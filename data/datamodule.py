@@ -74,6 +74,7 @@ class ShardDataModule(L.LightningDataModule):
         augment: bool = True,
         tiles: dict | None = None,
         vflip: float = 0.0,
+        rot90: float = 0.0,
         val_batch_size: int | None = None,
         version: int | None = None,
         mix: list[dict] | None = None,
@@ -100,7 +101,7 @@ class ShardDataModule(L.LightningDataModule):
         self.tiling = tiling_from(tiles)
         if self.tiling:  # train on tiles; validate on whole parts, which the model tiles itself
             self.eval_transform = EvalTransform(image_size, crop_pct, "none")
-            flips = (hflip, vflip) if augment else (0.0, 0.0)
+            flips = (hflip, vflip, rot90) if augment else (0.0, 0.0, 0.0)
             self.train_transform = TileTransform(image_size, *flips)
         # Whole parts of 5-50 MP are 15-150 MB each once decoded: validated a few at a time.
         self.val_batch_size = val_batch_size or (1 if self.tiling else batch_size)

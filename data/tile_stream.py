@@ -39,11 +39,13 @@ ROW_COST = 0.33
 @dataclass(frozen=True)
 class TileTransform:
     """A tile's pixels (T, T, 3) → uint8 (3, S, S) (resized when the model's input S differs
-    from the tile side T), with flips in training; a mask moves with it (nearest)."""
+    from the tile side T), with flips and quarter turns in training; a mask moves with it
+    (nearest). With all three at 0.5 a tile takes each of its 8 orientations equally often."""
 
     size: int  # model input side, pixels
     hflip: float = 0.0  # probability of a horizontal flip
     vflip: float = 0.0  # probability of a vertical flip (parts on a line have no "up")
+    rot90: float = 0.0  # probability of a quarter turn (a square tile has no "along the line")
 
     def __call__(self, pixels: np.ndarray, mask: np.ndarray | None = None):
         out = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
@@ -56,7 +58,9 @@ class TileTransform:
             out, m = out.flip(-1), None if m is None else m.flip(-1)
         if self.vflip and torch.rand(()) < self.vflip:
             out, m = out.flip(-2), None if m is None else m.flip(-2)
-        return out.contiguous(), m
+        if self.rot90 and torch.rand(()) < self.rot90:
+            out, m = out.rot90(1, (-2, -1)), None if m is None else m.rot90(1, (-2, -1))
+        return out.contiguous(), None if m is None else m.contiguous()
 
 
 @dataclass(frozen=True)

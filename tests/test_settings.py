@@ -28,6 +28,7 @@ BAD_TRAIN = [
     ("data.train_scale=0.5", "data.train_scale=0.5: must be a pair [low, high]"),
     ("data.train_ratio=[1.3,0.75]", "data.train_ratio=[1.3,0.75]: the low end 1.3 is above"),
     ("data.hflip=2", "data.hflip=2: must be a number in [0, 1]"),
+    ("data.rot90=-1", "data.rot90=-1: must be a number in [0, 1]"),
     ("data.crop_pct=0", "data.crop_pct=0: must be a number in (0, 1]"),
     ("data.shuffle_buffer=-5", "data.shuffle_buffer=-5: must be an integer >= 0"),
     ("data.max_bad_fraction=1.5", "data.max_bad_fraction=1.5: must be a number in [0, 1]"),

@@ -215,6 +215,27 @@ def test_tiles_read_from_regions_equal_a_full_decode_then_crop(boxes):
         assert np.array_equal(tile, want)
 
 
+def test_flips_and_quarter_turns_move_the_mask_with_its_tile_through_all_8_orientations():
+    from data.tile_stream import TileTransform
+
+    # A tile with no symmetry: every pixel's value is its own index, and the mask marks one corner
+    # pixel, so each orientation lands the mark on the pixel that carries the same value.
+    pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 1] = 1
+    turned, turned_mask = TileTransform(4, rot90=1.0)(pixels, mask)
+    assert torch.equal(turned, torch.from_numpy(pixels).permute(2, 0, 1).rot90(1, (-2, -1)))
+    assert turned_mask.tolist() == np.rot90(mask).tolist()  # counter-clockwise, as numpy's
+
+    torch.manual_seed(0)
+    transform, seen = TileTransform(4, hflip=0.5, vflip=0.5, rot90=0.5), set()
+    for _ in range(200):
+        out, m = transform(pixels, mask)
+        assert out[0][m.bool()].tolist() == [pixels[0, 1, 0]]  # the mark stays on its pixel
+        seen.add(tuple(out[0].flatten().tolist()))
+    assert len(seen) == 8  # the dihedral group of the square: 4 turns, each mirrored or not
+
+
 def test_region_decode_is_available_here():
     assert region.available(), "the turbojpeg wheel (libjpeg-turbo 3) is a dependency: it must load"
 

@@ -141,6 +141,7 @@ DATA: dict[str, Rule] = {
     "data.synthetic.large": optional(_part_size),
     "data.tiles": optional(_tiles),
     "data.vflip": FRACTION,
+    "data.rot90": FRACTION,
     "data.val_batch_size": optional(POSITIVE),
     "data.mix": optional(_mix),
     "data.epoch_samples": optional(POSITIVE),
