@@ -126,6 +126,27 @@ def _received(pool: str, pid: int, slot: int, shape: tuple, dtype: torch.dtype, 
     return torch.from_numpy(body).view(dtype).view(shape)
 
 
+class InlineTensor:
+    """A small tensor (a batch's labels, its multi-hot rows) on its way to the main process,
+    pickled with the batch. Torch would put it in fresh shared memory and pass the file descriptor
+    over a socket, with a handshake, per tensor. For 256 labels from 2 workers yielding nothing
+    else, the main process spent 0.44 ms of CPU per batch that way against 0.13 ms inline, and a
+    batch took 2.3 ms against 1.0 ms: about 5 us a sample."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.array = tensor.numpy()
+
+    def __reduce__(self):
+        return torch.from_numpy, (self.array,)
+
+
+def inline_if_small(tensor: torch.Tensor) -> torch.Tensor | InlineTensor:
+    """`tensor` as a loader worker hands it over: inline below MIN_BYTES, else as it is."""
+    return InlineTensor(tensor) if tensor.nbytes < MIN_BYTES else tensor
+
+
 def _set_free(flag: np.ndarray) -> None:
     flag[0] = 0
 

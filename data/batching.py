@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from data.batch_pool import PooledTensor, SlotPool
+from data.batch_pool import MIN_BYTES, InlineTensor, PooledTensor, SlotPool, inline_if_small
 from data.errors import UserError
 from data.samples import is_left_out
 
-Batch = torch.Tensor | PooledTensor | list[torch.Tensor]
+Batch = torch.Tensor | PooledTensor | InlineTensor | list[torch.Tensor]
 
 
 def batched(samples: Iterable[tuple | None], size: int, bad, pool: SlotPool | None = None) -> Iterator[tuple]:
@@ -136,21 +136,25 @@ def _targets(targets: Sequence, pool: SlotPool | None) -> Batch:
     several sizes (evaluation keeps each image's own) → a list."""
     first = targets[0]
     if isinstance(first, int):
-        return torch.tensor(targets)
+        labels = torch.tensor(targets)
+        return inline_if_small(labels) if get_worker_info() is not None else labels
     targets = [torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in targets]
     if all(t.shape == targets[0].shape for t in targets):
         return _stack(targets, pool)
     return targets
 
 
-def _stack(images: Sequence[torch.Tensor], pool: SlotPool | None = None) -> torch.Tensor | PooledTensor:
+def _stack(images: Sequence[torch.Tensor], pool: SlotPool | None = None) -> Batch:
     """(b, ...) of equal tensors. In a loader worker it is built straight in shared memory, as
     torch's default collate does, so handing the batch to the main process costs no second copy:
-    in one of the worker's reused slots where one is free (data/batch_pool.py), else fresh."""
+    in one of the worker's reused slots where one is free (data/batch_pool.py), else fresh; a
+    small one goes inline, pickled with the batch."""
     if pool is not None and (pooled := pool.stack(images)) is not None:
         return pooled
     first, out = images[0], None
     if get_worker_info() is not None:
+        if len(images) * first.nbytes < MIN_BYTES:  # a few multi-hot rows: pickled with the batch
+            return InlineTensor(torch.stack(images))
         storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
         out = first.new(storage).resize_(len(images), *first.shape)
     return torch.stack(images, out=out)

@@ -99,6 +99,20 @@ def test_workers_batches_held_by_the_consumer_stay_intact(tiny_index):
     assert not any(k[0] == seen[0] for k in batch_pool._RECEIVED), "forgotten once the workers ended"
 
 
+def test_a_batchs_labels_go_inline_not_through_fresh_shared_memory(tiny_index):
+    """Labels (256 x 8 bytes) would cost a shared-memory file and a socket handshake per batch."""
+
+    def first(workers: int):
+        dm = ShardDataModule(tiny_index, batch_size=2, num_workers=workers, image_size=32)
+        return next(iter(dm.val_dataloader()))
+
+    _, labels, keys, _ = first(1)
+    _, truth, truth_keys, _ = first(0)
+    assert keys == truth_keys and torch.equal(labels, truth) and labels.dtype == torch.int64
+    assert not labels.is_shared(), "pickled with the batch"
+    labels += 1  # the main process's own, writable copy
+
+
 def _as_worker(monkeypatch) -> None:
     import torch.utils.data._utils.worker as worker
 
@@ -139,7 +153,7 @@ def test_batches_built_row_by_row_in_slots_match_the_plain_ones(monkeypatch, pla
         out = []
         for images, targets, keys, _ in batched(samples(), size, bad, pool):
             images = hand_over(images) if pool is not None and not isinstance(images, list) else images
-            out.append(([im.clone() for im in images], targets.tolist(), keys))
+            out.append(([im.clone() for im in images], hand_over(targets).tolist(), keys))
         return out
 
     _as_worker(monkeypatch)
