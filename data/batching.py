@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from data.batch_pool import MIN_BYTES, InlineTensor, PooledTensor, SlotPool, inline_if_small
+from data.batch_pool import InlineTensor, PooledTensor, SlotPool, inline_if_small
 from data.errors import UserError
 from data.samples import is_left_out
 
@@ -147,14 +147,11 @@ def _targets(targets: Sequence, pool: SlotPool | None) -> Batch:
 def _stack(images: Sequence[torch.Tensor], pool: SlotPool | None = None) -> Batch:
     """(b, ...) of equal tensors. In a loader worker it is built straight in shared memory, as
     torch's default collate does, so handing the batch to the main process costs no second copy:
-    in one of the worker's reused slots where one is free (data/batch_pool.py), else fresh; a
-    small one goes inline, pickled with the batch."""
+    in one of the worker's reused slots where one is free (data/batch_pool.py), else fresh."""
     if pool is not None and (pooled := pool.stack(images)) is not None:
         return pooled
     first, out = images[0], None
     if get_worker_info() is not None:
-        if len(images) * first.nbytes < MIN_BYTES:  # a few multi-hot rows: pickled with the batch
-            return InlineTensor(torch.stack(images))
         storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
         out = first.new(storage).resize_(len(images), *first.shape)
     return torch.stack(images, out=out)
