@@ -107,11 +107,12 @@ def test_quickstart_anomaly_learns_good_parts_only(tmp_path):
 @pytest.mark.slow
 @pytest.mark.recipe
 def test_quickstart_tiles_finds_small_defects_on_large_parts(tmp_path):
-    # 26 minutes here; it tells spot parts from good ones and scratch parts only partly (README):
+    # About 47 minutes here; it tells spot parts from good ones and scratch parts only partly on
+    # these 24 (README: IoU 0.41 at the end, 0.43 at the best epoch, whose part ROC AUC is 0.85):
     # the bars say it learned, judged on whole parts at full size, not that it meets the aim
     iou, _, metrics = _quickstart(tmp_path, "quickstart_tiles", "defect-pixel IoU")
     assert metrics["task"] == "segment" and metrics["samples"] == 24 and metrics["pixels"] == 24 * 3000 * 2000
-    assert iou >= 0.12 and metrics["per_class"]["spot"]["iou"] >= 0.12
+    assert iou >= 0.25 and metrics["per_class"]["spot"]["iou"] >= 0.25
     assert metrics["defect"]["roc_auc"] >= 0.75
     loc = metrics["localisation"]
-    assert loc["caught"] >= 6 and loc["localised_share"] >= 0.6
+    assert loc["caught"] >= 6 and loc["localised_share"] >= 0.75
