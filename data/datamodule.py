@@ -101,8 +101,8 @@ class ShardDataModule(L.LightningDataModule):
         self.tiling = tiling_from(tiles)
         if self.tiling:  # train on tiles; validate on whole parts, which the model tiles itself
             self.eval_transform = EvalTransform(image_size, crop_pct, "none")
-            flips = (hflip, vflip, rot90) if augment else (0.0, 0.0, 0.0)
-            self.train_transform = TileTransform(image_size, *flips)
+            turns = (hflip, vflip, rot90) if augment else (0.0, 0.0, 0.0)  # flips and a quarter turn
+            self.train_transform = TileTransform(image_size, *turns)
         # Whole parts of 5-50 MP are 15-150 MB each once decoded: validated a few at a time.
         self.val_batch_size = val_batch_size or (1 if self.tiling else batch_size)
         self.target = target  # what the task learns: set by the task (train/tasks), not by config
